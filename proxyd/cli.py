@@ -1,0 +1,121 @@
+"""The ``proxyd`` command: arguments, logging, config, ``trio.run``.
+
+``proxyd [--config PATH] [--listen HOST:PORT] [--admin-listen HOST:PORT] [--cache-dir DIR]
+[--log-level LEVEL]`` runs the daemon (flags override the file; without ``--config`` the embedded
+default is used). ``proxyd --check-config PATH`` validates a file and exits 0, or 1 listing every
+error. ``proxyd hash-password`` reads a password and prints the salted hash ``auth.users`` expects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from proxyd import __version__
+from proxyd.config import ConfigError, load_config
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="proxyd",
+        description="A forward HTTP/WebSocket proxy daemon.",
+        epilog="Other commands: `proxyd hash-password` prints a hash for auth.users.",
+    )
+    parser.add_argument("--config", metavar="PATH", help="YAML config (default: the embedded one)")
+    parser.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        action="append",
+        help="proxy listen address (repeatable; replaces `listen`)",
+    )
+    parser.add_argument("--admin-listen", metavar="HOST:PORT", help="admin listen address")
+    parser.add_argument("--cache-dir", metavar="DIR", help="cache directory (cache.dir)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, help="log level (log_level)")
+    parser.add_argument(
+        "--check-config",
+        metavar="PATH",
+        help="validate a config file, print every error, exit 0 or 1",
+    )
+    parser.add_argument("--version", action="version", version=f"proxyd {__version__}")
+    return parser
+
+
+def _hash_password_main(argv: Sequence[str]) -> int:
+    from proxyd.http.access import hash_password
+
+    parser = argparse.ArgumentParser(
+        prog="proxyd hash-password", description="Print a salted hash for auth.users."
+    )
+    parser.add_argument("--scheme", choices=("scrypt", "pbkdf2_sha256"), default="scrypt")
+    parser.add_argument("--stdin", action="store_true", help="read the password from stdin")
+    args = parser.parse_args(argv)
+    if args.stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            print("proxyd: the passwords differ", file=sys.stderr)
+            return 1
+    if not password:
+        print("proxyd: empty password", file=sys.stderr)
+        return 1
+    print(hash_password(password, scheme=args.scheme))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["hash-password"]:
+        return _hash_password_main(args_list[1:])
+    args = _parser().parse_args(args_list)
+
+    if args.check_config:
+        try:
+            load_config(args.check_config)
+        except ConfigError as exc:
+            for error in exc.errors:
+                print(error, file=sys.stderr)
+            print(f"proxyd: {len(exc.errors)} error(s) in {args.check_config}", file=sys.stderr)
+            return 1
+        print(f"{args.check_config}: OK")
+        return 0
+
+    overrides: dict[str, Any] = {}
+    if args.listen:
+        overrides["listen"] = args.listen
+    if args.admin_listen:
+        overrides["admin.listen"] = args.admin_listen
+    if args.cache_dir:
+        overrides["cache.dir"] = args.cache_dir
+    if args.log_level:
+        overrides["log_level"] = args.log_level
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as exc:
+        for error in exc.errors:
+            print(error, file=sys.stderr)
+        print("proxyd: refusing to start with an invalid config", file=sys.stderr)
+        return 1
+
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from proxyd.server import serve_until_signalled
+
+    try:
+        return trio.run(serve_until_signalled, config)
+    except OSError as exc:
+        print(f"proxyd: cannot start: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 1

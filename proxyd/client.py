@@ -1,0 +1,522 @@
+"""One task per client connection: the h11 server role, the request loop, dispatch.
+
+How it works: ``ClientConnection.run`` loops over requests on one keep-alive connection.
+
+- Reading a head: the first byte may take up to ``client.timeouts.idle`` (a keep-alive connection
+  waiting for its next request); once a byte arrived, the whole head must arrive within
+  ``client.timeouts.head`` (slowloris). Raw bytes of the head are vetted by
+  ``http.messages.check_head_bytes`` (bare LF, obs-fold, size) before h11 parses them.
+- Dispatch: access checks (ACL verdict from accept time, proxy auth), then CONNECT goes to
+  ``_serve_connect`` (http.tunnel), everything else through ``http.rules`` to ``http.relay.forward``.
+- Every exit path of a request produces exactly one access-log line and one ``requests_total``
+  increment, for the final response only.
+- A ``ProxydError`` raised before the final response head reached the client becomes a short
+  response with a ``Proxy-Status`` field (RFC 9209); after that the connection is closed instead.
+- Draining (SIGTERM): a connection idle between requests is cancelled at once; one in the middle of
+  a request finishes it, answers with ``Connection: close`` and ends.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Final
+
+import h11
+import trio
+
+from proxyd.config import Config
+from proxyd.errors import (
+    BadRequest,
+    ClientForbidden,
+    DestinationForbidden,
+    HeadTooLarge,
+    ProxyAuthRequired,
+    ProxydError,
+    RequestHeadTimeout,
+)
+from proxyd.http import access
+from proxyd.http.messages import (
+    HEAD_INCOMPLETE,
+    check_head_bytes,
+    error_body,
+    parse_absolute_target,
+    parse_authority,
+    proxy_status_value,
+    reason_phrase,
+)
+from proxyd.http.relay import (
+    RECEIVE_SIZE,
+    ClientGone,
+    ExchangeStats,
+    RelaySettings,
+    ResponseAborted,
+    forward,
+    open_checked,
+)
+from proxyd.http.rules import prepare_request, trace_body, via_member
+from proxyd.http.tunnel import TunnelStats, run_tunnel
+from proxyd.observe.accesslog import AccessLog, AccessRecord
+from proxyd.observe.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+_MAX_FORWARDS_METHODS: Final = frozenset({b"OPTIONS", b"TRACE"})
+_ALLOW_ALL: Final = b"GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE, PATCH"
+_connection_ids = itertools.count(1)
+
+
+@dataclass(slots=True)
+class Services:
+    """What every client connection of one server shares."""
+
+    config: Config
+    relay: RelaySettings
+    metrics: Metrics
+    access_log: AccessLog | None
+    acl: access.ClientAcl
+    auth: access.AuthCache | None
+    pseudonym: bytes
+    draining: bool = False
+    connections: set[ClientConnection] = field(default_factory=set)
+    auth_limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(2))
+    _via_cache: dict[bytes, bytes | None] = field(default_factory=dict)
+
+    def via_for_version(self, version: bytes) -> bytes | None:
+        """The Via member for a message received with HTTP ``version`` (cached: few versions)."""
+        cached = self._via_cache.get(version, b"")
+        if cached != b"":
+            return cached
+        value = via_member(version, self.pseudonym) if self.config.via.enabled else None
+        self._via_cache[version] = value
+        return value
+
+
+class ClientConnection:
+    __slots__ = (
+        "_idle_scope",
+        "allowed",
+        "client_address",
+        "conn_id",
+        "h11",
+        "services",
+        "stream",
+        "user",
+    )
+
+    def __init__(
+        self, services: Services, stream: trio.SocketStream, client_address: str, allowed: bool
+    ) -> None:
+        self.services = services
+        self.stream = stream
+        self.client_address = client_address
+        self.allowed = allowed
+        self.conn_id = next(_connection_ids)
+        self.h11 = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=services.config.client.max_head_size
+        )
+        self.user = "-"
+        self._idle_scope: trio.CancelScope | None = None
+
+    # --- I/O helpers used by http.relay (the ClientSide protocol) ------------------------------
+
+    async def send(self, data: bytes, timeout: float) -> None:
+        try:
+            with trio.fail_after(timeout):
+                await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ClientGone("the client went away") from exc
+        except trio.TooSlowError:
+            raise ClientGone(f"the client did not read for {timeout:g}s") from None
+
+    async def receive(self, timeout: float) -> bytes:
+        try:
+            with trio.fail_after(timeout):
+                return await self.stream.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ClientGone("the client went away") from exc
+        except trio.TooSlowError:
+            raise ClientGone(f"the client sent nothing for {timeout:g}s") from None
+
+    def cancel_if_idle(self) -> None:
+        if self._idle_scope is not None:
+            self._idle_scope.cancel()
+
+    # --- the request loop -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        services = self.services
+        services.connections.add(self)
+        metrics = services.metrics
+        metrics.client_connections_active.inc()
+        try:
+            await self._loop()
+        except ClientGone as exc:
+            log.debug("c%d: %s", self.conn_id, exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            log.debug("c%d: connection broke", self.conn_id)
+        finally:
+            services.connections.discard(self)
+            metrics.client_connections_active.dec()
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self.stream)
+
+    async def _loop(self) -> None:
+        cc = self.h11
+        services = self.services
+        while True:
+            try:
+                request = await self._read_request()
+            except ProxydError as exc:
+                await self._send_error(exc, b"-", "-", trio.current_time())
+                return
+            if request is None:
+                return
+            keep_alive = await self._serve(request)
+            if not keep_alive or services.draining:
+                return
+            if cc.our_state is not h11.DONE or cc.their_state is not h11.DONE:
+                return
+            cc.start_next_cycle()
+
+    async def _read_request(self) -> h11.Request | None:
+        """Next request head, or None when the client closed (or idled out) between requests."""
+        cc = self.h11
+        config = self.services.config.client
+        max_head = config.max_head_size
+        pending = cc.trailing_data[0]
+        scan: bytes | bytearray = bytes(pending)
+        head_checked = False
+        if scan:
+            head_checked = check_head_bytes(scan, max_head) != HEAD_INCOMPLETE
+        head_deadline = trio.current_time() + config.timeouts.head if scan else None
+        while True:
+            try:
+                event = cc.next_event()
+            except h11.RemoteProtocolError as exc:
+                if exc.error_status_hint == 431:
+                    raise HeadTooLarge(
+                        f"the request head is larger than {max_head} bytes"
+                    ) from None
+                raise BadRequest(f"malformed request: {exc}") from None
+            if event is h11.NEED_DATA:
+                if head_deadline is None:
+                    if self.services.draining:
+                        return None
+                    with trio.CancelScope() as idle_scope:
+                        idle_scope.deadline = trio.current_time() + config.timeouts.idle
+                        self._idle_scope = idle_scope
+                        try:
+                            data = await self.stream.receive_some(RECEIVE_SIZE)
+                        finally:
+                            self._idle_scope = None
+                    if idle_scope.cancelled_caught:
+                        return None  # keep-alive idle timeout, or draining
+                    head_deadline = trio.current_time() + config.timeouts.head
+                else:
+                    with trio.move_on_at(head_deadline) as scope:
+                        data = await self.stream.receive_some(RECEIVE_SIZE)
+                    if scope.cancelled_caught:
+                        raise RequestHeadTimeout(
+                            f"the request head did not arrive within {config.timeouts.head:g}s"
+                        )
+                if not data:
+                    if scan:
+                        log.debug("c%d: client closed mid-head", self.conn_id)
+                    return None
+                if not head_checked:
+                    scan = scan + data if scan else data
+                    head_checked = check_head_bytes(scan, max_head) != HEAD_INCOMPLETE
+                cc.receive_data(data)
+                continue
+            if type(event) is h11.Request:
+                assert isinstance(event, h11.Request)
+                return event
+            return None  # ConnectionClosed
+
+    async def _serve(self, request: h11.Request) -> bool:
+        """Answer one request; True when the connection may carry another."""
+        started = trio.current_time()
+        services = self.services
+        method = request.method
+        url = request.target
+        stats = ExchangeStats()
+        try:
+            if not self.allowed:
+                raise ClientForbidden(
+                    f"client {self.client_address} is not allowed to use this proxy"
+                )
+            if services.auth is not None:
+                await self._authenticate(request)
+            if method == b"CONNECT":
+                return await self._serve_connect(request, started)
+            target = parse_absolute_target(url)
+            facts = prepare_request(
+                request.headers.raw_items(),
+                authority=target.authority,
+                via=services.via_for_version(request.http_version),
+                pseudonym=services.pseudonym,
+                is_max_forwards_method=method in _MAX_FORWARDS_METHODS,
+            )
+            if facts.max_forwards == 0:
+                return await self._answer_max_forwards(request, started)
+            if services.draining:
+                facts.connection_close = True
+            await forward(self, request, target, facts, services.relay, stats)
+        except ProxydError as exc:
+            if stats.head_sent:
+                raise
+            return await self._send_error(
+                exc, method, url.decode("ascii", "replace"), started, stats
+            )
+        except h11.RemoteProtocolError as exc:
+            return await self._send_error(
+                BadRequest(f"malformed request: {exc}"),
+                method,
+                url.decode("ascii", "replace"),
+                started,
+            )
+        except ResponseAborted as exc:
+            log.info("c%d: %s", self.conn_id, exc)
+            self._finish(method, url, started, stats, error_type=exc.error_type)
+            services.metrics.observe_error(exc.error_type)
+            return False
+        except ClientGone:
+            self._finish(method, url, started, stats, error_type="client_gone")
+            raise
+        self._finish(method, url, started, stats)
+        return not services.draining
+
+    def _finish(
+        self,
+        method: bytes,
+        url: bytes,
+        started: float,
+        stats: ExchangeStats,
+        error_type: str = "-",
+        route: str = "DIRECT",
+    ) -> None:
+        services = self.services
+        duration = trio.current_time() - started
+        method_text = method.decode("ascii", "replace")
+        status = stats.status or 499
+        metrics = services.metrics
+        metrics.observe_request(method_text, status, duration)
+        if stats.bytes_in:
+            metrics.bytes_up.inc(stats.bytes_in)
+        if stats.bytes_out:
+            metrics.bytes_down.inc(stats.bytes_out)
+        if stats.first_byte_at:
+            metrics.time_to_first_byte.observe(stats.first_byte_at - started)
+        if services.access_log is not None:
+            services.access_log.write(
+                AccessRecord(
+                    conn_id=self.conn_id,
+                    client=self.client_address,
+                    user=self.user,
+                    method=method_text,
+                    url=url.decode("ascii", "replace"),
+                    status=status,
+                    bytes_in=stats.bytes_in,
+                    bytes_out=stats.bytes_out,
+                    duration=duration,
+                    upstream=stats.upstream,
+                    route=route,
+                    error=error_type,
+                )
+            )
+
+    async def _authenticate(self, request: h11.Request) -> None:
+        services = self.services
+        auth = services.auth
+        assert auth is not None
+        header = None
+        for field_name, value in request.headers:
+            if field_name == b"proxy-authorization":
+                header = value
+                break
+        if header is None:
+            raise ProxyAuthRequired("proxy authentication required")
+        user = auth.lookup(header)
+        if user is not None:
+            self.user = user
+            return
+        credentials = access.parse_basic_credentials(header)
+        if credentials is None:
+            raise ProxyAuthRequired("malformed Proxy-Authorization (Basic expected)")
+        user_name, password = credentials
+        stored = auth.users.get(user_name)
+        if stored is None:
+            raise ProxyAuthRequired("wrong user name or password")
+        ok = await trio.to_thread.run_sync(
+            access.verify_password, stored, password, limiter=services.auth_limiter
+        )
+        if not ok:
+            log.warning("c%d: failed proxy authentication for user %r", self.conn_id, user_name)
+            raise ProxyAuthRequired("wrong user name or password")
+        auth.remember(header, user_name)
+        self.user = user_name
+
+    async def _serve_connect(self, request: h11.Request, started: float) -> bool:
+        services = self.services
+        config = services.config
+        target = parse_authority(request.target)
+        if not any(low <= target.port <= high for low, high in config.connect.allowed_ports):
+            raise DestinationForbidden(f"CONNECT to port {target.port} is not allowed")
+        stats = ExchangeStats(upstream=f"{target.host}:{target.port}")
+        upstream = await open_checked(services.relay, target, tls=False)
+        assert isinstance(upstream, trio.SocketStream)
+        tunnel_stats = TunnelStats()
+        metrics = services.metrics
+        metrics.tunnels.inc()
+        metrics.tunnels_active.inc()
+        try:
+            headers = []
+            via = services.via_for_version(request.http_version)
+            if via is not None:
+                headers.append((b"Via", via))
+            data = self.h11.send(
+                h11.Response(status_code=200, headers=headers, reason=b"Connection Established")
+            )
+            stats.status = 200
+            await self.send(data, config.upstream.timeouts.idle_read)
+            stats.head_sent = True
+            trailing, _ = self.h11.trailing_data
+            if trailing:
+                await upstream.send_all(trailing)
+                tunnel_stats.bytes_up += len(trailing)
+            await run_tunnel(
+                self.stream,
+                upstream,
+                idle_timeout=config.tunnel.idle_timeout,
+                stats=tunnel_stats,
+                on_bytes=None,
+            )
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            tunnel_stats.ended_by = "reset"
+        finally:
+            metrics.tunnels_active.dec()
+            metrics.tunnel_bytes_up.inc(tunnel_stats.bytes_up)
+            metrics.tunnel_bytes_down.inc(tunnel_stats.bytes_down)
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(upstream)
+        stats.bytes_in = tunnel_stats.bytes_up
+        stats.bytes_out = tunnel_stats.bytes_down
+        self._finish(request.method, request.target, started, stats)
+        return False
+
+    async def _answer_max_forwards(self, request: h11.Request, started: float) -> bool:
+        """RFC 9110 §7.6.2: Max-Forwards 0 on OPTIONS/TRACE means this proxy is the recipient."""
+        if request.method == b"TRACE":
+            body = trace_body(
+                request.method, request.target, request.http_version, request.headers.raw_items()
+            )
+            headers = [
+                (b"Content-Type", b"message/http"),
+                (b"Content-Length", str(len(body)).encode()),
+            ]
+        else:
+            body = b""
+            headers = [(b"Allow", _ALLOW_ALL), (b"Content-Length", b"0")]
+        via = self.services.via_for_version(request.http_version)
+        if via is not None:
+            headers.append((b"Via", via))
+        stats = ExchangeStats(status=200, upstream="-", bytes_out=len(body))
+        return await self._respond(
+            200, headers, body, request.method, request.target, started, stats
+        )
+
+    async def _respond(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        method: bytes,
+        url: bytes,
+        started: float,
+        stats: ExchangeStats,
+        error_type: str = "-",
+    ) -> bool:
+        """Send a complete response of our own; skip the request body if any is pending."""
+        cc: h11.Connection | None = self.h11
+        assert cc is not None
+        try:
+            data = cc.send(
+                h11.Response(status_code=status, headers=headers, reason=reason_phrase(status))
+            )
+            if body and method != b"HEAD":
+                data += cc.send(h11.Data(data=body))
+            data += cc.send(h11.EndOfMessage())
+        except h11.LocalProtocolError:
+            # h11 cannot frame a response now (the request never parsed): raw bytes and close.
+            data = _raw_response(status, headers, body)
+            cc = None
+        stats.status = status
+        try:
+            await self.send(data, self.services.config.upstream.timeouts.idle_read)
+        finally:
+            self._finish(method, url, started, stats, error_type=error_type)
+        if cc is None:
+            return False
+        return cc.their_state is h11.DONE
+
+    async def _send_error(
+        self,
+        error: ProxydError,
+        method: bytes,
+        url: str,
+        started: float,
+        stats: ExchangeStats | None = None,
+    ) -> bool:
+        services = self.services
+        services.metrics.observe_error(error.error_type)
+        if error.status >= 500 or isinstance(error, (ClientForbidden, ProxyAuthRequired)):
+            log.info(
+                "c%d: %s %s: %s (%s)",
+                self.conn_id,
+                method.decode("ascii", "replace"),
+                url,
+                error.detail,
+                error.error_type,
+            )
+        body = error_body(error)
+        headers = [
+            (b"Content-Type", b"text/plain; charset=utf-8"),
+            (b"Content-Length", str(len(body)).encode("ascii")),
+            (
+                b"Proxy-Status",
+                proxy_status_value(services.pseudonym.decode(), error.error_type, error.detail),
+            ),
+            (b"Cache-Control", b"no-store"),
+        ]
+        if isinstance(error, ProxyAuthRequired) and services.auth is not None:
+            realm = services.config.auth.realm
+            headers.append(
+                (b"Proxy-Authenticate", f'Basic realm="{realm}", charset="UTF-8"'.encode())
+            )
+        close = error.close_connection or services.draining
+        if close:
+            headers.append((b"Connection", b"close"))
+        stats = stats or ExchangeStats()
+        keep = await self._respond(
+            error.status,
+            headers,
+            body,
+            method,
+            url.encode("ascii", "replace"),
+            started,
+            stats,
+            error_type=error.error_type,
+        )
+        return keep and not close
+
+
+def _raw_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+    lines = [b"HTTP/1.1 %d %s" % (status, reason_phrase(status))]
+    lines.extend(name + b": " + value for name, value in headers if name.lower() != b"connection")
+    lines.append(b"Connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+__all__ = ["ClientConnection", "Services"]

@@ -1,0 +1,462 @@
+"""Relaying one HTTP exchange: the request up, every 1xx and the final response down.
+
+How it works (``forward``):
+
+1. Take an idle keep-alive socket for the origin, or connect (``open_checked``: Happy Eyeballs,
+   TLS for https, and a refusal to reach the proxy's own admin listener).
+2. Send the request head. A request without a body goes out as one write, head and end together,
+   and is relayed without any extra task. A request with a body starts a pump task that streams it
+   up (``_pump_request_body``) while this task reads the response: an origin may answer before it
+   has read the body (RFC 9110 §15.5.14 413, or a final answer to ``Expect: 100-continue``).
+3. Read the response head within ``upstream.timeouts.response_head``. Each informational response
+   (100, 103, ...) is forwarded at once, in order (RFC 9110 §15.2); per-response bookkeeping (time
+   to first byte, counters, the access-log line) belongs to the final response only.
+4. Stream the body: every upstream read is parsed into events, their client-side bytes are joined
+   and written with one ``send_all`` (so a small response costs one write), then the next read.
+   Backpressure is natural: we do not read from the origin until the client took the last write.
+5. Hand the socket back to the pool when both directions ended cleanly; otherwise close it.
+
+Failure rules: before the client has seen a byte of the final response, a failure becomes a
+``ProxydError`` (an error response with Proxy-Status). After that, the client connection is cut
+(``ResponseAborted``) so a truncated body can never look complete. A reused socket that fails
+before any response byte (the origin closed it while it idled) is retried once on a fresh socket
+when the request has no body, the classic "stale keep-alive" race.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Final, Protocol, cast
+
+import h11
+import trio
+
+from proxyd.errors import (
+    BadRequest,
+    BadResponse,
+    DestinationForbidden,
+    ProxydError,
+    ReadTimeout,
+    ResponseHeadTooLarge,
+    ResponseIncomplete,
+    ResponseTimeout,
+)
+from proxyd.http.messages import Target
+from proxyd.http.rules import RequestFacts, prepare_response
+from proxyd.observe.metrics import Metrics
+from proxyd.upstream.connect import open_origin_stream
+from proxyd.upstream.pool import OriginPool, UpstreamConnection
+
+RECEIVE_SIZE: Final = 65536
+MAX_RESPONSE_HEAD: Final = 65536
+
+_NEED_DATA = h11.NEED_DATA
+_Data = h11.Data
+_EndOfMessage = h11.EndOfMessage
+
+
+class ClientGone(Exception):
+    """The client closed or reset its connection (or stopped reading) mid-exchange."""
+
+
+class ResponseAborted(Exception):
+    """The final response head already reached the client; the connection must be cut."""
+
+    def __init__(self, error_type: str, detail: str) -> None:
+        super().__init__(detail)
+        self.error_type = error_type
+
+
+class _StaleConnection(Exception):
+    """A reused upstream socket failed before any response byte: safe to retry once."""
+
+
+class ClientSide(Protocol):
+    """What the relay needs of the client connection (implemented by client.ClientConnection)."""
+
+    h11: h11.Connection
+
+    async def send(self, data: bytes, timeout: float) -> None: ...
+
+    async def receive(self, timeout: float) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    pool: OriginPool
+    metrics: Metrics
+    hosts: Mapping[str, str]
+    connect_timeout: float
+    response_head_timeout: float
+    idle_read_timeout: float
+    #: ``Via`` member for responses, by upstream HTTP version (None: Via turned off).
+    via_for_version: Callable[[bytes], bytes | None]
+    #: (ip, port) pairs the proxy must never connect to (its admin listener).
+    forbidden_peers: frozenset[tuple[str, int]] = frozenset()
+    #: ports forbidden on any local address (an admin listener bound to a wildcard address).
+    forbidden_local_ports: frozenset[int] = frozenset()
+
+
+@dataclass(slots=True)
+class ExchangeStats:
+    """Filled in as the exchange goes; read by the access log and metrics afterwards."""
+
+    status: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    reused: bool = False
+    upstream: str = "-"
+    first_byte_at: float = 0.0
+    head_sent: bool = False
+    informational: list[int] = field(default_factory=list)
+
+
+def _is_forbidden_peer(stream: trio.abc.Stream, settings: RelaySettings) -> bool:
+    if not settings.forbidden_peers and not settings.forbidden_local_ports:
+        return False
+    raw = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    if not isinstance(raw, trio.SocketStream):
+        return False
+    try:
+        peer = raw.socket.getpeername()
+        local = raw.socket.getsockname()
+    except OSError:
+        return False
+    peer_ip, peer_port = str(peer[0]), int(peer[1])
+    if (peer_ip, peer_port) in settings.forbidden_peers:
+        return True
+    if peer_port in settings.forbidden_local_ports:
+        ip = ipaddress.ip_address(peer_ip.split("%", 1)[0])
+        return ip.is_loopback or peer_ip == str(local[0])
+    return False
+
+
+async def open_checked(settings: RelaySettings, target: Target, *, tls: bool) -> trio.abc.Stream:
+    """Connect to the target, refusing the proxy's own admin listener (whatever name led there)."""
+    metrics = settings.metrics
+    started = trio.current_time()
+    try:
+        stream = await open_origin_stream(
+            target.host,
+            target.port,
+            hosts=settings.hosts,
+            timeout=settings.connect_timeout,
+            tls=tls,
+        )
+    except ProxydError as exc:
+        metrics.observe_connect_failure(exc.error_type)
+        raise
+    if _is_forbidden_peer(stream, settings):
+        await trio.aclose_forcefully(stream)
+        raise DestinationForbidden("the proxy's admin listener is not reachable through the proxy")
+    metrics.connects_ok.inc()
+    metrics.upstream_connect_duration.observe(trio.current_time() - started)
+    return stream
+
+
+async def forward(
+    client: ClientSide,
+    request: h11.Request,
+    target: Target,
+    facts: RequestFacts,
+    settings: RelaySettings,
+    stats: ExchangeStats,
+) -> None:
+    """Relay one exchange; see the module docstring. Leaves ``client.h11`` after the response."""
+    pool = settings.pool
+    origin = target.origin_key
+    stats.upstream = f"{target.host}:{target.port}"
+    up_request = h11.Request(method=request.method, target=target.path, headers=facts.headers)
+    cc = client.h11
+    trailers = facts.accepts_trailers
+    first = cc.next_event()
+    has_body = type(first) is not _EndOfMessage
+    conn = pool.take_idle(origin, trio.current_time())
+    stats.reused = conn is not None
+    if conn is None:
+        conn = await _connect(settings, target)
+    try:
+        if has_body:
+            await _forward_with_body(client, conn, up_request, first, settings, stats, trailers)
+        else:
+            try:
+                await _forward_without_body(client, conn, up_request, settings, stats, trailers)
+            except _StaleConnection:
+                conn.close_now()
+                settings.metrics.upstream_retries.inc()
+                conn = await _connect(settings, target)
+                stats.reused = False
+                await _forward_without_body(client, conn, up_request, settings, stats, trailers)
+    except BaseException:
+        conn.close_now()
+        raise
+    pool.release(conn, trio.current_time())
+
+
+async def _connect(settings: RelaySettings, target: Target) -> UpstreamConnection:
+    stream = await open_checked(settings, target, tls=target.scheme in (b"https", b"wss"))
+    return UpstreamConnection(stream, target.origin_key, trio.current_time())
+
+
+async def _forward_without_body(
+    client: ClientSide,
+    conn: UpstreamConnection,
+    up_request: h11.Request,
+    settings: RelaySettings,
+    stats: ExchangeStats,
+    accepts_trailers: bool,
+) -> None:
+    uc = conn.h11
+    head = uc.send(up_request) + uc.send(_EndOfMessage())
+    if stats.reused:
+        settings.metrics.upstream_reuses.inc()
+    conn.requests += 1
+    try:
+        with trio.fail_after(settings.idle_read_timeout):
+            await conn.stream.send_all(head)
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        if stats.reused:
+            raise _StaleConnection from exc
+        raise ResponseIncomplete(f"the origin {stats.upstream} closed the connection") from None
+    except trio.TooSlowError:
+        raise ReadTimeout(f"sending the request to {stats.upstream} stalled") from None
+    response = await _receive_response_head(client, conn, settings, stats)
+    await _relay_response(client, conn, response, settings, stats, accepts_trailers)
+
+
+async def _forward_with_body(
+    client: ClientSide,
+    conn: UpstreamConnection,
+    up_request: h11.Request,
+    first: object,
+    settings: RelaySettings,
+    stats: ExchangeStats,
+    accepts_trailers: bool,
+) -> None:
+    uc = conn.h11
+    head = uc.send(up_request)
+    if stats.reused:
+        settings.metrics.upstream_reuses.inc()
+    conn.requests += 1
+    try:
+        with trio.fail_after(settings.idle_read_timeout):
+            await conn.stream.send_all(head)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        raise ResponseIncomplete(f"the origin {stats.upstream} closed the connection") from None
+    except trio.TooSlowError:
+        raise ReadTimeout(f"sending the request to {stats.upstream} stalled") from None
+
+    client_failure: list[BaseException] = []
+    async with trio.open_nursery() as nursery:
+
+        async def pump() -> None:
+            try:
+                await _pump_request_body(client, conn, first, settings, stats)
+            except (ClientGone, h11.RemoteProtocolError, trio.TooSlowError) as exc:
+                client_failure.append(exc)
+                nursery.cancel_scope.cancel()
+
+        nursery.start_soon(pump)
+        try:
+            response = await _receive_response_head(client, conn, settings, stats)
+            await _relay_response(client, conn, response, settings, stats, accepts_trailers)
+        finally:
+            # The response is complete (or failed): a body still being pumped is abandoned; the
+            # upstream socket is then not reusable (h11 state) and the client connection closes.
+            nursery.cancel_scope.cancel()
+    if client_failure:
+        failure = client_failure[0]
+        if isinstance(failure, h11.RemoteProtocolError):
+            raise BadRequest(f"malformed request body: {failure}") from None
+        raise ClientGone(str(failure)) from None
+
+
+async def _pump_request_body(
+    client: ClientSide,
+    conn: UpstreamConnection,
+    event: object,
+    settings: RelaySettings,
+    stats: ExchangeStats,
+) -> None:
+    """Stream the client's body to the origin. An origin that stops reading ends the pump quietly:
+    its response (if any) is still relayed by the other task."""
+    cc = client.h11
+    uc = conn.h11
+    idle = settings.idle_read_timeout
+    while True:
+        if event is _NEED_DATA:
+            data = await client.receive(idle)
+            if not data:
+                raise ClientGone(
+                    "the client closed the connection in the middle of the request body"
+                )
+            cc.receive_data(data)
+            event = cc.next_event()
+            continue
+        if type(event) is _Data:
+            assert isinstance(event, h11.Data)
+            stats.bytes_in += len(event.data)
+            out = uc.send(event)
+        elif type(event) is _EndOfMessage:
+            assert isinstance(event, h11.EndOfMessage)
+            out = uc.send(event)
+        else:  # ConnectionClosed cannot precede the end of a body; treat as gone
+            raise ClientGone("the client closed the connection in the middle of the request body")
+        try:
+            with trio.fail_after(idle):
+                await conn.stream.send_all(out)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            return  # the origin stopped reading; its answer (or its absence) decides the rest
+        if type(event) is _EndOfMessage:
+            return
+        event = cc.next_event()
+
+
+async def _receive_upstream(conn: UpstreamConnection, timeout: float) -> bytes:
+    with trio.move_on_after(timeout) as scope:
+        return cast(bytes, await conn.stream.receive_some(RECEIVE_SIZE))
+    assert scope.cancelled_caught
+    raise trio.TooSlowError
+
+
+async def _receive_response_head(
+    client: ClientSide, conn: UpstreamConnection, settings: RelaySettings, stats: ExchangeStats
+) -> h11.Response:
+    uc = conn.h11
+    cc = client.h11
+    got_any = False
+    received = 0
+    deadline = trio.current_time() + settings.response_head_timeout
+    while True:
+        try:
+            event = uc.next_event()
+        except h11.RemoteProtocolError as exc:
+            if not got_any and stats.reused:
+                raise _StaleConnection from exc
+            if not got_any:
+                raise ResponseIncomplete(
+                    f"the origin {stats.upstream} closed the connection without a response"
+                ) from None
+            raise BadResponse(f"malformed response from {stats.upstream}: {exc}") from None
+        if event is _NEED_DATA:
+            if received > MAX_RESPONSE_HEAD:
+                raise ResponseHeadTooLarge(f"the response head from {stats.upstream} is too large")
+            try:
+                with trio.move_on_at(deadline) as scope:
+                    data = cast(bytes, await conn.stream.receive_some(RECEIVE_SIZE))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                if not got_any and stats.reused:
+                    raise _StaleConnection from exc
+                raise ResponseIncomplete(
+                    f"the connection to {stats.upstream} broke before a complete response"
+                ) from None
+            if scope.cancelled_caught:
+                raise ResponseTimeout(
+                    f"no response from {stats.upstream} within {settings.response_head_timeout:g}s"
+                )
+            if data:
+                got_any = True
+                received += len(data)
+            elif stats.reused and not got_any:
+                raise _StaleConnection
+            uc.receive_data(data)
+            continue
+        if type(event) is h11.Response:
+            assert isinstance(event, h11.Response)
+            stats.first_byte_at = trio.current_time()
+            return event
+        if type(event) is h11.InformationalResponse:
+            assert isinstance(event, h11.InformationalResponse)
+            if event.status_code == 101:
+                raise BadResponse(f"{stats.upstream} switched protocols without being asked")
+            got_any = True
+            stats.informational.append(event.status_code)
+            headers = prepare_response(
+                event.headers.raw_items(), via=settings.via_for_version(event.http_version)
+            )
+            data = cc.send(
+                h11.InformationalResponse(
+                    status_code=event.status_code, headers=headers, reason=event.reason
+                )
+            )
+            await client.send(data, settings.idle_read_timeout)
+            continue
+        raise ResponseIncomplete(f"the origin {stats.upstream} closed the connection early")
+
+
+async def _relay_response(
+    client: ClientSide,
+    conn: UpstreamConnection,
+    response: h11.Response,
+    settings: RelaySettings,
+    stats: ExchangeStats,
+    accepts_trailers: bool,
+) -> None:
+    cc = client.h11
+    uc = conn.h11
+    headers = prepare_response(
+        response.headers.raw_items(), via=settings.via_for_version(response.http_version)
+    )
+    stats.status = response.status_code
+    out: list[bytes] = [
+        cc.send(
+            h11.Response(status_code=response.status_code, headers=headers, reason=response.reason)
+        )
+    ]
+    # Trailers reach the client only over chunked framing, which h11 picks for an HTTP/1.1 client
+    # when the response carries no Content-Length (RFC 9112 §7.1.2).
+    client_chunked = not any(name.lower() == b"content-length" for name, _ in headers)
+    idle = settings.idle_read_timeout
+    while True:
+        try:
+            event = uc.next_event()
+        except h11.RemoteProtocolError as exc:
+            if not stats.head_sent:
+                raise BadResponse(f"malformed response from {stats.upstream}: {exc}") from None
+            raise ResponseAborted(
+                "http_response_incomplete", f"the response from {stats.upstream} broke off: {exc}"
+            ) from None
+        if event is _NEED_DATA:
+            if out:
+                await _send_client(client, out, idle, stats)
+            try:
+                data = await _receive_upstream(conn, idle)
+            except trio.TooSlowError:
+                raise ResponseAborted(
+                    "connection_read_timeout", f"the body from {stats.upstream} stalled"
+                ) from None
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise ResponseAborted(
+                    "http_response_incomplete", f"the connection to {stats.upstream} broke"
+                ) from None
+            uc.receive_data(data)
+            continue
+        kind = type(event)
+        if kind is _Data:
+            assert isinstance(event, h11.Data)
+            stats.bytes_out += len(event.data)
+            out.append(cc.send(event))
+        elif kind is _EndOfMessage:
+            assert isinstance(event, h11.EndOfMessage)
+            trailers = event.headers
+            if trailers and client_chunked and accepts_trailers:
+                out.append(cc.send(h11.EndOfMessage(headers=list(trailers.raw_items()))))
+            else:
+                out.append(cc.send(_EndOfMessage()))
+            await _send_client(client, out, idle, stats)
+            return
+        else:
+            raise ResponseAborted(
+                "http_response_incomplete", f"{stats.upstream} closed the connection mid-response"
+            )
+
+
+async def _send_client(
+    client: ClientSide, out: list[bytes], timeout: float, stats: ExchangeStats
+) -> None:
+    data = out[0] if len(out) == 1 else b"".join(out)
+    out.clear()
+    await client.send(data, timeout)
+    stats.head_sent = True

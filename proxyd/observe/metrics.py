@@ -1,0 +1,208 @@
+"""Every Prometheus metric proxyd exports, defined here and only here.
+
+Names follow ``proxyd_<thing>_<unit>[_total]``; labels are bounded sets (a method from a fixed list
+or ``OTHER``, a status class, an RFC 9209 error type, an outcome word), never a host or URL.
+Each ``Metrics`` owns its own ``CollectorRegistry`` so several daemons can run in one process (the
+tests do). Label children used on the per-request path are resolved once and cached in dicts: a
+``labels()`` call costs a lock and a tuple build, a dict lookup does not.
+Gauges that describe state owned elsewhere (the upstream pool) are read from ``stats()`` snapshots
+at scrape time through a custom collector, so nothing on the hot path updates them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Final
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from proxyd import __version__
+
+KNOWN_METHODS: Final = (
+    "GET",
+    "HEAD",
+    "POST",
+    "PUT",
+    "DELETE",
+    "OPTIONS",
+    "TRACE",
+    "PATCH",
+    "CONNECT",
+)
+STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
+# Latency buckets from 0.5 ms (a loopback hit) to a minute (a slow origin).
+LATENCY_BUCKETS: Final = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+
+
+class _StatsCollector(Collector):
+    """Reads gauges from ``stats()`` providers when Prometheus scrapes."""
+
+    def __init__(self) -> None:
+        self.providers: list[Callable[[], Iterator[Metric]]] = []
+
+    def collect(self) -> Iterator[Metric]:
+        for provider in self.providers:
+            yield from provider()
+
+
+# The *_created series double the exposition for no use to a proxy's dashboards.
+disable_created_metrics()
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        Info("proxyd_build", "proxyd build information", registry=registry).info(
+            {"version": __version__}
+        )
+        self.client_connections_active = Gauge(
+            "proxyd_client_connections_active", "Client connections open now", registry=registry
+        )
+        self.client_connections = Counter(
+            "proxyd_client_connections_total",
+            "Client connections accepted, by whether the ACL allowed them",
+            ["allowed"],
+            registry=registry,
+        )
+        self.requests = Counter(
+            "proxyd_requests_total",
+            "Requests answered (final responses), by method and status class",
+            ["method", "status_class"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "proxyd_request_duration_seconds",
+            "Time from the request head to the last response byte",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.time_to_first_byte = Histogram(
+            "proxyd_upstream_time_to_first_byte_seconds",
+            "Time from sending the request upstream to the final response head",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.bytes = Counter(
+            "proxyd_body_bytes_total",
+            "Body bytes relayed, by direction (upload: client to origin)",
+            ["direction"],
+            registry=registry,
+        )
+        self.errors = Counter(
+            "proxyd_errors_total",
+            "Requests that failed, by RFC 9209 Proxy-Status error type",
+            ["error_type"],
+            registry=registry,
+        )
+        self.tunnels_active = Gauge(
+            "proxyd_tunnels_active", "CONNECT tunnels open now", registry=registry
+        )
+        self.tunnels = Counter("proxyd_tunnels_total", "CONNECT tunnels opened", registry=registry)
+        self.tunnel_bytes = Counter(
+            "proxyd_tunnel_bytes_total",
+            "Bytes relayed through CONNECT tunnels, by direction",
+            ["direction"],
+            registry=registry,
+        )
+        self.upstream_connects = Counter(
+            "proxyd_upstream_connects_total",
+            "Upstream connection attempts, by outcome (ok or an RFC 9209 error type)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.upstream_connect_duration = Histogram(
+            "proxyd_upstream_connect_duration_seconds",
+            "Time to open a new upstream connection (DNS, TCP, TLS)",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.upstream_reuses = Counter(
+            "proxyd_upstream_reused_total",
+            "Requests sent on a reused keep-alive upstream connection",
+            registry=registry,
+        )
+        self.upstream_retries = Counter(
+            "proxyd_upstream_retries_total",
+            "Requests retried on a fresh connection after a reused one failed before any byte",
+            registry=registry,
+        )
+        self.collector = _StatsCollector()
+        registry.register(self.collector)
+
+        self._requests_children: dict[tuple[str, str], Counter] = {}
+        self._duration_children: dict[str, Histogram] = {}
+        self._error_children: dict[str, Counter] = {}
+        self.bytes_up = self.bytes.labels("upload")
+        self.bytes_down = self.bytes.labels("download")
+        self.tunnel_bytes_up = self.tunnel_bytes.labels("upload")
+        self.tunnel_bytes_down = self.tunnel_bytes.labels("download")
+        self.connects_ok = self.upstream_connects.labels("ok")
+        self.connections_allowed = self.client_connections.labels("true")
+        self.connections_denied = self.client_connections.labels("false")
+
+    def observe_request(self, method: str, status: int, duration: float) -> None:
+        if method not in KNOWN_METHODS:
+            method = "OTHER"
+        status_class = STATUS_CLASSES[min(max(status // 100, 1), 5) - 1]
+        key = (method, status_class)
+        counter = self._requests_children.get(key)
+        if counter is None:
+            counter = self._requests_children[key] = self.requests.labels(method, status_class)
+        counter.inc()
+        histogram = self._duration_children.get(method)
+        if histogram is None:
+            histogram = self._duration_children[method] = self.request_duration.labels(method)
+        histogram.observe(duration)
+
+    def observe_error(self, error_type: str) -> None:
+        child = self._error_children.get(error_type)
+        if child is None:
+            child = self._error_children[error_type] = self.errors.labels(error_type)
+        child.inc()
+
+    def observe_connect_failure(self, error_type: str) -> None:
+        self.upstream_connects.labels(error_type).inc()
+
+    def add_stats_provider(self, provider: Callable[[], Iterator[Metric]]) -> None:
+        self.collector.providers.append(provider)
+
+
+def pool_gauges(idle: int, origins: int) -> Iterator[Metric]:
+    """Scrape-time gauges for the keep-alive pool (see upstream.pool.PoolStats)."""
+    family = GaugeMetricFamily(
+        "proxyd_upstream_idle_connections", "Idle keep-alive upstream connections held now"
+    )
+    family.add_metric([], idle)
+    yield family
+    family = GaugeMetricFamily(
+        "proxyd_upstream_idle_origins", "Origins with at least one idle upstream connection"
+    )
+    family.add_metric([], origins)
+    yield family

@@ -1,0 +1,249 @@
+"""The top nursery: proxy and admin listeners, the pool reaper, graceful drain.
+
+How it works: ``ProxyServer.run`` binds every ``listen`` address and the admin address, builds the
+shared ``Services`` and starts one accept loop per listener, the admin server and the keep-alive
+reaper, then waits for ``drain()``. The accept loop takes a slot of ``client.max_connections``
+*before* accepting, so beyond the limit new connections wait in the kernel's backlog instead of
+being accepted and starved; EMFILE/ENFILE back off and retry (the daemon never falls over).
+
+Drain (SIGTERM, SIGINT, or ``drain()``): stop accepting (listeners closed), mark the services
+draining (``/readyz`` turns 503, responses carry ``Connection: close``), cancel connections idle
+between requests, and wait up to ``shutdown_timeout`` for in-flight requests and tunnels; whatever
+is left is then cancelled. ``serve_until_signalled`` maps a second signal to an immediate stop.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import signal
+import socket
+from typing import Any
+
+import trio
+
+from proxyd.client import ClientConnection, Services
+from proxyd.config import Config, HostPort
+from proxyd.http import access
+from proxyd.http.relay import RelaySettings
+from proxyd.observe.accesslog import AccessLog
+from proxyd.observe.admin import AdminServer
+from proxyd.observe.metrics import Metrics, pool_gauges
+from proxyd.upstream.pool import OriginPool
+
+log = logging.getLogger(__name__)
+
+_ACCEPT_RETRY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+async def _bind(address: HostPort) -> list[trio.SocketListener]:
+    host: str | None = address.host
+    if host in ("0.0.0.0", "*", ""):
+        host = None  # all addresses, IPv4 and IPv6
+    return await trio.open_tcp_listeners(address.port, host=host)
+
+
+def _sockname(listener: trio.SocketListener) -> tuple[str, int]:
+    name = listener.socket.getsockname()
+    return str(name[0]), int(name[1])
+
+
+class ProxyServer:
+    def __init__(self, config: Config, *, access_log: AccessLog | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.pool = OriginPool(
+            keepalive_idle=config.upstream.keepalive_idle,
+            max_idle_per_origin=config.upstream.max_idle_per_origin,
+        )
+        self._access_log = access_log
+        self.proxy_addresses: list[tuple[str, int]] = []
+        self.admin_addresses: list[tuple[str, int]] = []
+        self.services: Services | None = None
+        self._drain = trio.Event()
+        self._stopped = trio.Event()
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Begin a graceful shutdown (idempotent)."""
+        self._drain.set()
+
+    @property
+    def is_draining(self) -> bool:
+        return self._drain.is_set()
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        config = self.config
+        proxy_listeners: list[trio.SocketListener] = []
+        for address in config.listen:
+            proxy_listeners.extend(await _bind(address))
+        admin_listeners: list[trio.SocketListener] = []
+        if config.admin.listen is not None:
+            admin_listeners = await _bind(config.admin.listen)
+        self.proxy_addresses = [_sockname(listener) for listener in proxy_listeners]
+        self.admin_addresses = [_sockname(listener) for listener in admin_listeners]
+
+        forbidden_peers: set[tuple[str, int]] = set()
+        forbidden_ports: set[int] = set()
+        for host, port in self.admin_addresses:
+            if ipaddress.ip_address(host.split("%", 1)[0]).is_unspecified:
+                forbidden_ports.add(port)
+            else:
+                forbidden_peers.add((host, port))
+
+        pseudonym = config.via.pseudonym or f"{socket.gethostname()}:{self.proxy_addresses[0][1]}"
+        access_log = self._access_log
+        if access_log is None and config.access_log.enabled:
+            access_log = AccessLog(config.access_log.format, config.access_log.path)
+        services = Services(
+            config=config,
+            relay=RelaySettings(
+                pool=self.pool,
+                metrics=self.metrics,
+                hosts=dict(config.dns.hosts),
+                connect_timeout=config.upstream.timeouts.connect,
+                response_head_timeout=config.upstream.timeouts.response_head,
+                idle_read_timeout=config.upstream.timeouts.idle_read,
+                via_for_version=lambda version: services.via_for_version(version),
+                forbidden_peers=frozenset(forbidden_peers),
+                forbidden_local_ports=frozenset(forbidden_ports),
+            ),
+            metrics=self.metrics,
+            access_log=access_log,
+            acl=access.ClientAcl(config.acl.allow_clients),
+            auth=access.AuthCache(config.auth.users) if config.auth.users else None,
+            pseudonym=pseudonym.lower().encode("ascii"),
+        )
+        self.services = services
+        self.metrics.add_stats_provider(self._pool_metrics)
+        admin = AdminServer(self.metrics.registry, is_ready=lambda: not self.is_draining)
+        slots = trio.Semaphore(config.client.max_connections)
+        log.info(
+            "proxyd listening on %s, admin on %s",
+            ", ".join(f"{h}:{p}" for h, p in self.proxy_addresses),
+            ", ".join(f"{h}:{p}" for h, p in self.admin_addresses) or "(off)",
+        )
+        try:
+            async with trio.open_nursery() as top:
+                if admin_listeners:
+                    top.start_soon(admin.serve, admin_listeners)
+                top.start_soon(self.pool.reap_forever)
+                async with trio.open_nursery() as connections:
+                    with trio.CancelScope() as accepting:
+                        for listener in proxy_listeners:
+                            connections.start_soon(
+                                self._accept_loop, listener, services, slots, connections
+                            )
+                        task_status.started(self)
+                        await self._drain.wait()
+                        accepting.cancel()
+                    await self._shutdown(services, connections)
+                top.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                for listener in proxy_listeners + admin_listeners:
+                    await trio.aclose_forcefully(listener)
+            self.pool.close_all()
+            if access_log is not None and access_log is not self._access_log:
+                access_log.close()
+            self._stopped.set()
+            log.info("proxyd stopped")
+
+    async def _shutdown(self, services: Services, connections: trio.Nursery) -> None:
+        services.draining = True
+        log.info(
+            "draining: %d connection(s) open, waiting up to %gs",
+            len(services.connections),
+            self.config.shutdown_timeout,
+        )
+        for conn in list(services.connections):
+            conn.cancel_if_idle()
+        with trio.move_on_after(self.config.shutdown_timeout):
+            while services.connections:
+                await trio.sleep(0.05)
+        if services.connections:
+            log.warning("shutdown timeout: closing %d connection(s)", len(services.connections))
+        connections.cancel_scope.cancel()
+
+    async def _accept_loop(
+        self,
+        listener: trio.SocketListener,
+        services: Services,
+        slots: trio.Semaphore,
+        connections: trio.Nursery,
+    ) -> None:
+        metrics = self.metrics
+        acl = services.acl
+        while True:
+            await slots.acquire()
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                slots.release()
+                if exc.errno in _ACCEPT_RETRY_ERRNOS:
+                    log.error("accept failed (%s); retrying in 100 ms", exc)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            except BaseException:
+                slots.release()
+                raise
+            try:
+                peer = str(stream.socket.getpeername()[0])
+            except OSError:
+                slots.release()
+                await trio.aclose_forcefully(stream)
+                continue
+            allowed = acl.allows(peer)
+            if allowed:
+                metrics.connections_allowed.inc()
+            else:
+                metrics.connections_denied.inc()
+                log.warning("client %s is not in acl.allow_clients", peer)
+            connections.start_soon(self._serve_client, services, stream, peer, allowed, slots)
+
+    async def _serve_client(
+        self,
+        services: Services,
+        stream: trio.SocketStream,
+        peer: str,
+        allowed: bool,
+        slots: trio.Semaphore,
+    ) -> None:
+        try:
+            await ClientConnection(services, stream, peer, allowed).run()
+        except Exception:
+            log.exception("unexpected error on a client connection from %s", peer)
+        finally:
+            slots.release()
+
+    def _pool_metrics(self) -> Any:
+        stats = self.pool.stats()
+        return pool_gauges(stats.idle, stats.origins)
+
+
+async def serve_until_signalled(config: Config) -> int:
+    """Run until SIGTERM/SIGINT (drain) — a second signal stops at once. Returns the exit code."""
+    server = ProxyServer(config)
+    exit_code = 0
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+
+            async def watch_signals() -> None:
+                nonlocal exit_code
+                async for signum in signals:
+                    if not server.is_draining:
+                        log.info("%s: draining", signal.Signals(signum).name)
+                        server.drain()
+                    else:
+                        log.warning("second %s: stopping now", signal.Signals(signum).name)
+                        exit_code = 1
+                        nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_signals)
+            await server._stopped.wait()
+            nursery.cancel_scope.cancel()
+    return exit_code

@@ -1,0 +1,1 @@
+"""How a request reaches its origin: connecting (connect.py) and reusing idle sockets (pool.py)."""
