@@ -72,7 +72,7 @@ class _StatsCollector(Collector):
 
 
 # The *_created series double the exposition for no use to a proxy's dashboards.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class Metrics:
