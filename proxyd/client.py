@@ -62,6 +62,8 @@ from proxyd.observe.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+LINGER_SECONDS: Final = 2.0
+LINGER_BYTES: Final = 1 << 20
 _MAX_FORWARDS_METHODS: Final = frozenset({b"OPTIONS", b"TRACE"})
 _ALLOW_ALL: Final = b"GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE, PATCH"
 _connection_ids = itertools.count(1)
@@ -96,6 +98,7 @@ class Services:
 class ClientConnection:
     __slots__ = (
         "_idle_scope",
+        "_linger",
         "allowed",
         "client_address",
         "conn_id",
@@ -118,6 +121,7 @@ class ClientConnection:
         )
         self.user = "-"
         self._idle_scope: trio.CancelScope | None = None
+        self._linger = False
 
     # --- I/O helpers used by http.relay (the ClientSide protocol) ------------------------------
 
@@ -138,6 +142,9 @@ class ClientConnection:
             raise ClientGone("the client went away") from exc
         except trio.TooSlowError:
             raise ClientGone(f"the client sent nothing for {timeout:g}s") from None
+
+    def is_closing(self) -> bool:
+        return self.services.draining
 
     def cancel_if_idle(self) -> None:
         if self._idle_scope is not None:
@@ -160,7 +167,25 @@ class ClientConnection:
             services.connections.discard(self)
             metrics.client_connections_active.dec()
             with trio.CancelScope(shield=True):
+                if self._linger:
+                    await self._lingering_close()
                 await trio.aclose_forcefully(self.stream)
+
+    async def _lingering_close(self) -> None:
+        """After an error response, half-close and read what the client still sends (bounded) so
+        closing does not reset the connection and destroy the response before it is read
+        (RFC 9112 §9.6: a server closes in stages)."""
+        with trio.move_on_after(LINGER_SECONDS):
+            try:
+                await self.stream.send_eof()
+                drained = 0
+                while drained < LINGER_BYTES:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                    if not data:
+                        return
+                    drained += len(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return
 
     async def _loop(self) -> None:
         cc = self.h11
@@ -261,8 +286,6 @@ class ClientConnection:
             )
             if facts.max_forwards == 0:
                 return await self._answer_max_forwards(request, started)
-            if services.draining:
-                facts.connection_close = True
             await forward(self, request, target, facts, services.relay, stats)
         except ProxydError as exc:
             if stats.head_sent:
@@ -457,9 +480,12 @@ class ClientConnection:
             await self.send(data, self.services.config.upstream.timeouts.idle_read)
         finally:
             self._finish(method, url, started, stats, error_type=error_type)
-        if cc is None:
-            return False
-        return cc.their_state is h11.DONE
+        if cc is not None:
+            _consume_buffered_request(cc)
+        keep = cc is not None and cc.their_state is h11.DONE
+        if not keep:
+            self._linger = True  # unread request bytes would turn our close into a reset
+        return keep
 
     async def _send_error(
         self,
@@ -498,6 +524,7 @@ class ClientConnection:
         close = error.close_connection or services.draining
         if close:
             headers.append((b"Connection", b"close"))
+            self._linger = True
         stats = stats or ExchangeStats()
         keep = await self._respond(
             error.status,
@@ -510,6 +537,18 @@ class ClientConnection:
             error_type=error.error_type,
         )
         return keep and not close
+
+
+def _consume_buffered_request(cc: h11.Connection) -> None:
+    """Read the rest of a request we answered ourselves, as far as it is already buffered (a
+    body-less request ends right away), so the connection can stay open for the next one."""
+    try:
+        while cc.their_state is h11.SEND_BODY:
+            event = cc.next_event()
+            if event is h11.NEED_DATA or type(event) is h11.ConnectionClosed:
+                return
+    except h11.RemoteProtocolError:
+        return
 
 
 def _raw_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:

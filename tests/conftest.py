@@ -8,6 +8,7 @@ given as dotted keys (``start_proxy(**{"upstream.timeouts.connect": 0.5})``).
 from __future__ import annotations
 
 import io
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -58,6 +59,42 @@ class RunningProxy:
 StartProxy = Callable[..., Awaitable[RunningProxy]]
 
 
+class LoopbackResolver(trio.abc.HostnameResolver):
+    """Answers names ending in ``.test`` with 127.0.0.1 and fails every other name.
+
+    Installed for every test so no test can send a DNS query off the machine; numeric hosts never
+    reach a resolver. ``unresolvable.test`` fails like a name with no records (EAI_NONAME).
+    """
+
+    async def getaddrinfo(
+        self,
+        host: bytes | None,
+        port: bytes | str | int | None,
+        family: int = 0,
+        type: int = 0,
+        proto: int = 0,
+        flags: int = 0,
+    ) -> list[tuple[Any, Any, Any, str, Any]]:
+        name = (host or b"").decode("ascii", "replace").lower()
+        if name in ("localhost", "127.0.0.1") or (
+            name.endswith(".test") and name != "unresolvable.test"
+        ):
+            port_number = int(port) if port is not None else 0
+            return [
+                (
+                    socket.AF_INET,
+                    socket.SOCK_STREAM,
+                    socket.IPPROTO_TCP,
+                    "",
+                    ("127.0.0.1", port_number),
+                )
+            ]
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    async def getnameinfo(self, sockaddr: tuple[Any, ...], flags: int) -> tuple[str, str]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+
 @pytest.fixture
 async def origin(nursery: trio.Nursery) -> Origin:
     result: Origin = await nursery.start(Origin().serve)
@@ -67,6 +104,8 @@ async def origin(nursery: trio.Nursery) -> Origin:
 @pytest.fixture
 async def start_proxy(nursery: trio.Nursery) -> AsyncIterator[StartProxy]:
     started: list[ProxyServer] = []
+    # No test may send a DNS query off the machine: the in-process proxy resolves through this.
+    trio.socket.set_custom_hostname_resolver(LoopbackResolver())
 
     async def start(text: str = BASE_CONFIG, **overrides: Any) -> RunningProxy:
         config = make_config(text, **overrides)
@@ -86,3 +125,10 @@ async def start_proxy(nursery: trio.Nursery) -> AsyncIterator[StartProxy]:
 @pytest.fixture
 async def proxy(start_proxy: StartProxy) -> RunningProxy:
     return await start_proxy()
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
+    """Wait (bounded) until ``predicate()`` holds; the proxy logs after the client has its bytes."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)

@@ -80,6 +80,10 @@ class ClientSide(Protocol):
 
     async def send(self, data: bytes, timeout: float) -> None: ...
 
+    def is_closing(self) -> bool:
+        """True when this must be the connection's last response (the daemon is draining)."""
+        ...
+
     async def receive(self, timeout: float) -> bytes: ...
 
 
@@ -400,6 +404,8 @@ async def _relay_response(
         response.headers.raw_items(), via=settings.via_for_version(response.http_version)
     )
     stats.status = response.status_code
+    if client.is_closing():
+        headers.append((b"Connection", b"close"))  # h11 then ends the connection after it
     out: list[bytes] = [
         cc.send(
             h11.Response(status_code=response.status_code, headers=headers, reason=response.reason)

@@ -78,6 +78,9 @@ async def open_origin_stream(
                     raise TlsError(f"TLS handshake with {shown} failed: {exc}") from exc
                 stream = tls_stream
             return stream
+    except UnicodeError:
+        # getaddrinfo's IDNA step rejects names such as "a..b" before any lookup.
+        raise DnsError(f"cannot resolve {host}: not a valid host name") from None
     except trio.TooSlowError:
         raise ConnectionTimeout(f"connecting to {shown} took longer than {timeout:g}s") from None
     except OSError as exc:
