@@ -253,6 +253,7 @@ async def _forward_with_body(
         raise ReadTimeout(f"sending the request to {stats.upstream} stalled") from None
 
     client_failure: list[BaseException] = []
+    failure: Exception | None = None
     async with trio.open_nursery() as nursery:
 
         async def pump() -> None:
@@ -266,10 +267,15 @@ async def _forward_with_body(
         try:
             response = await _receive_response_head(client, conn, settings, stats)
             await _relay_response(client, conn, response, settings, stats, accepts_trailers)
+        except Exception as exc:
+            # Kept out of the nursery so it is not wrapped in an ExceptionGroup on the way out.
+            failure = exc
         finally:
             # The response is complete (or failed): a body still being pumped is abandoned; the
             # upstream socket is then not reusable (h11 state) and the client connection closes.
             nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
     if client_failure:
         failure = client_failure[0]
         if isinstance(failure, h11.RemoteProtocolError):

@@ -557,3 +557,79 @@ async def admin_metrics(proxy: RunningProxy) -> str:
     async with httpx.AsyncClient() as client:
         response = await client.get(proxy.admin_url + "/metrics")
     return response.text
+
+
+# --- response heads split anywhere (the HttpStreamParser lesson) --------------------------------
+
+RESPONSE_WITH_HINTS = (
+    b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Order: 1\r\n\r\nhello"
+)
+
+
+async def test_response_split_at_every_byte(proxy: RunningProxy, origin: Origin) -> None:
+    """A 1xx and the final head arriving in two pieces, cut at every byte position, give the
+    same result: one 103, one 200 with its body; one access-log line and one time-to-first-byte
+    observation per final response, never one per fragment or per 1xx."""
+    cut_at: list[int] = []
+
+    async def split(exchange: Exchange) -> None:
+        await exchange.read_body()
+        position = cut_at[-1]
+        await exchange.stream.send_all(RESPONSE_WITH_HINTS[:position])
+        await trio.sleep(0.002)
+        await exchange.stream.send_all(RESPONSE_WITH_HINTS[position:])
+        exchange.closed = True
+
+    origin.route("/split", split)
+    client = await RawClient.connect(proxy.port)
+    positions = range(1, len(RESPONSE_WITH_HINTS))
+    for position in positions:
+        cut_at.append(position)
+        await client.send(get(origin, "/split"), h11.EndOfMessage())
+        informational, final, body, _ = await client.response()
+        assert [r.status_code for r in informational] == [103], position
+        assert final.status_code == 200 and body == b"hello", position
+        assert header(final, b"x-order") == b"1"
+        client.conn.start_next_cycle()
+    await eventually(lambda: len(proxy.access_lines()) == len(positions))
+    metrics = await admin_metrics(proxy)
+    assert f"proxyd_upstream_time_to_first_byte_seconds_count {float(len(positions))}" in metrics
+    assert (
+        f'proxyd_requests_total{{method="GET",status_class="2xx"}} {float(len(positions))}' in metrics
+    )
+
+
+async def test_response_trickled_one_byte_at_a_time(proxy: RunningProxy, origin: Origin) -> None:
+    """The whole response, 1xx included, one byte per write."""
+
+    async def trickle(exchange: Exchange) -> None:
+        await exchange.read_body()
+        for index in range(len(RESPONSE_WITH_HINTS)):
+            await exchange.stream.send_all(RESPONSE_WITH_HINTS[index : index + 1])
+            await trio.sleep(0.001)
+        exchange.closed = True
+
+    origin.route("/trickle", trickle)
+    client = await RawClient.connect(proxy.port)
+    await client.send(get(origin, "/trickle"), h11.EndOfMessage())
+    informational, final, body, _ = await client.response()
+    assert [r.status_code for r in informational] == [103]
+    assert final.status_code == 200 and body == b"hello"
+
+
+async def test_errors_while_a_body_is_pumped_still_get_an_error_response(
+    start_proxy: StartProxy, origin: Origin
+) -> None:
+    """A request with a body that meets a response timeout gets the same 504 as one without."""
+    proxy = await start_proxy(**{"upstream.timeouts.response_head": 0.3})
+
+    async def reads_then_sleeps(exchange: Exchange) -> None:
+        await exchange.read_body()
+        await trio.sleep(2)
+
+    origin.route("/sleepy", reads_then_sleeps)
+    async with httpx.AsyncClient(proxy=proxy.url) as client:
+        response = await client.post(origin.url("/sleepy"), content=b"q" * 5000)
+    assert response.status_code == 504
+    assert "error=http_response_timeout" in response.headers["proxy-status"]
