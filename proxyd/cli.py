@@ -114,8 +114,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return trio.run(serve_until_signalled, config)
-    except OSError as exc:
-        print(f"proxyd: cannot start: {exc}", file=sys.stderr)
+    except (OSError, BaseExceptionGroup) as exc:
+        # A bind failure (port in use, no permission) arrives wrapped in the nursery's group.
+        os_error = _first_os_error(exc)
+        if os_error is None:
+            raise
+        print(f"proxyd: cannot start: {os_error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 1
+
+
+def _first_os_error(exc: BaseException) -> OSError | None:
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _first_os_error(inner)
+            if found is not None:
+                return found
+    return None

@@ -297,11 +297,11 @@ def _friendly(error: Mapping[str, Any]) -> str:
     if kind == "missing":
         return "required key is missing"
     if kind == "greater_than":
-        return f"must be > {ctx.get('gt')}"
+        return f"must be > {ctx.get('gt'):g}"
     if kind == "greater_than_equal":
-        return f"must be >= {ctx.get('ge')}"
+        return f"must be >= {ctx.get('ge'):g}"
     if kind == "less_than_equal":
-        return f"must be <= {ctx.get('le')}"
+        return f"must be <= {ctx.get('le'):g}"
     if kind in ("int_parsing", "int_type", "int_from_float"):
         return f"must be an integer, not {error.get('input')!r}"
     if kind in ("float_parsing", "float_type"):
@@ -388,7 +388,13 @@ def parse_config_text(
         return Config.model_validate(data)
     except ValidationError as exc:
         errors = []
-        for error in exc.errors():
+        raw_errors = exc.errors()
+        item_error_parents = {
+            tuple(error["loc"][:-1]) for error in raw_errors if isinstance(error["loc"][-1], int)
+        }
+        for error in raw_errors:
+            if error["type"] == "too_short" and tuple(error["loc"]) in item_error_parents:
+                continue  # pydantic counts only the valid items; the item errors say it all
             loc = _clean_loc(tuple(error["loc"]), data)
             where = _key_path_text(loc) or "(top level)"
             line = _line_for(loc, lines)

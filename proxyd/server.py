@@ -131,14 +131,18 @@ class ProxyServer:
                     top.start_soon(admin.serve, admin_listeners)
                 top.start_soon(self.pool.reap_forever)
                 async with trio.open_nursery() as connections:
-                    with trio.CancelScope() as accepting:
+                    async with trio.open_nursery() as accepting:
                         for listener in proxy_listeners:
-                            connections.start_soon(
+                            accepting.start_soon(
                                 self._accept_loop, listener, services, slots, connections
                             )
                         task_status.started(self)
                         await self._drain.wait()
-                        accepting.cancel()
+                        accepting.cancel_scope.cancel()
+                    # Stop accepting for real: closed listeners refuse new connections at once
+                    # instead of leaving them in the kernel backlog until we exit.
+                    for listener in proxy_listeners:
+                        await trio.aclose_forcefully(listener)
                     await self._shutdown(services, connections)
                 top.cancel_scope.cancel()
         finally:

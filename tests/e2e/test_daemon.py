@@ -194,7 +194,6 @@ async def test_curl_absolute_form_request(tmp_path: Path, origin: Origin) -> Non
         assert echo["method"] == "GET"
         assert echo["target"] == "/hello?x=1"
         assert dict(echo["headers"])["Via"] == "1.1 proxyd-e2e"
-        assert "proxyd-e2e" in dict(echo["headers"])["Via"]
 
 
 @needs_curl
