@@ -112,6 +112,21 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def machine_busy_percent(seconds: float = 1.0) -> float:
+    """How busy all CPUs together were over ``seconds`` (from /proc/stat), in percent."""
+
+    def sample() -> tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = values[3] + values[4]  # idle + iowait
+        return sum(values[:8]), idle
+
+    total_a, idle_a = sample()
+    time.sleep(seconds)
+    total_b, idle_b = sample()
+    total = total_b - total_a
+    return 100.0 * (total - (idle_b - idle_a)) / total if total > 0 else 0.0
+
+
 def process_cpu_seconds(pid: int) -> float:
     """utime + stime of a process (all its threads) from /proc/PID/stat, in seconds."""
     stat = Path(f"/proc/{pid}/stat").read_text()
@@ -667,8 +682,12 @@ def print_environment(pinning: Pinning, nginx: str, wrk: str) -> dict[str, str]:
         "pinning": pinning.description,
         "proxyd config": "defaults, access log OFF (access_log.enabled: false)",
     }
+    busy = machine_busy_percent()
+    env["machine busy before start"] = f"{busy:.0f}% (loadavg {os.getloadavg()[0]:.2f})"
     for key, value in env.items():
         print(f"# {key}: {value}")
+    if busy > 10:
+        print("# WARNING: something else is using the CPUs; the numbers will be noisy")
     return env
 
 
@@ -730,7 +749,12 @@ def run(args: argparse.Namespace) -> int:
     print_tables(summary, results)
     print()
     print(f"# proxyd exit status {proxyd.returncode}; its output ({len(proxyd_log)} lines):")
-    for line in proxyd_log[-15:]:
+    # Everything if short; otherwise every line that is not INFO, then the last few.
+    shown = proxyd_log
+    if len(proxyd_log) > 30:
+        notable = [line for line in proxyd_log[:-10] if " INFO " not in line][:50]
+        shown = [*notable, "...", *proxyd_log[-10:]]
+    for line in shown:
         print(f"#   {line}")
     if nginx_log != "(no output)":
         print(f"# nginx error log (tail):\n{nginx_log}")

@@ -7,7 +7,8 @@ How it works: ``ClientConnection.run`` loops over requests on one keep-alive con
   ``client.timeouts.head`` (slowloris). Raw bytes of the head are vetted by
   ``http.messages.check_head_bytes`` (bare LF, obs-fold, size) before h11 parses them.
 - Dispatch: access checks (ACL verdict from accept time, proxy auth), then CONNECT goes to
-  ``_serve_connect`` (http.tunnel), everything else through ``http.rules`` to ``http.relay.forward``.
+  ``_serve_connect`` (http.tunnel), everything else through ``http.rules`` to
+  ``http.relay.forward``.
 - Every exit path of a request produces exactly one access-log line and one ``requests_total``
   increment, for the final response only.
 - A ``ProxydError`` raised before the final response head reached the client becomes a short
@@ -35,6 +36,7 @@ from proxyd.errors import (
     ProxyAuthRequired,
     ProxydError,
     RequestHeadTimeout,
+    TransferCodingNotImplemented,
 )
 from proxyd.http import access
 from proxyd.http.messages import (
@@ -45,6 +47,7 @@ from proxyd.http.messages import (
     parse_authority,
     proxy_status_value,
     reason_phrase,
+    transfer_coding_error_status,
 )
 from proxyd.http.relay import (
     RECEIVE_SIZE,
@@ -83,6 +86,8 @@ class Services:
     draining: bool = False
     connections: set[ClientConnection] = field(default_factory=set)
     auth_limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(2))
+    #: Set when the last connection closes while draining (the server's drain waits on it).
+    all_closed: trio.Event = field(default_factory=trio.Event)
     _via_cache: dict[bytes, bytes | None] = field(default_factory=dict)
 
     def via_for_version(self, version: bytes) -> bytes | None:
@@ -165,6 +170,8 @@ class ClientConnection:
             log.debug("c%d: connection broke", self.conn_id)
         finally:
             services.connections.discard(self)
+            if services.draining and not services.connections:
+                services.all_closed.set()
             metrics.client_connections_active.dec()
             with trio.CancelScope(shield=True):
                 if self._linger:
@@ -223,6 +230,10 @@ class ClientConnection:
                 if exc.error_status_hint == 431:
                     raise HeadTooLarge(
                         f"the request head is larger than {max_head} bytes"
+                    ) from None
+                if exc.error_status_hint == 501 and transfer_coding_error_status(scan) == 501:
+                    raise TransferCodingNotImplemented(
+                        f"unsupported transfer coding: {exc}"
                     ) from None
                 raise BadRequest(f"malformed request: {exc}") from None
             if event is h11.NEED_DATA:

@@ -403,7 +403,7 @@ def parse_config_text(
 
 
 def _error_sort_key(text: str) -> tuple[int, str]:
-    _, line, rest = (text.split(":", 2) + ["", ""])[:3]
+    _, line, rest = [*text.split(":", 2), "", ""][:3]
     return (int(line) if line.isdigit() else 0, rest)
 
 

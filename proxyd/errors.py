@@ -1,9 +1,9 @@
 """One error tree for everything that ends a request early.
 
-Low-level failures (socket errors, h11 protocol errors, timeouts) are translated once, at the edge
-where they happen, into a ``ProxydError`` subclass. Each class knows the HTTP status the client gets
-and the RFC 9209 error type named in the ``Proxy-Status`` response field, so the code that writes the
-error response (``http.messages.error_response``) needs no table of its own.
+Low-level failures (socket errors, h11 protocol errors, timeouts) are translated once, at the
+edge where they happen, into a ``ProxydError`` subclass. Each class knows the HTTP status the
+client gets and the RFC 9209 error type named in the ``Proxy-Status`` response field, so the code
+that writes the error response (``client._send_error``) needs no table of its own.
 """
 
 from __future__ import annotations
@@ -82,7 +82,9 @@ class SchemeNotSupported(ProxydError):
     error_type = "http_request_error"
 
 
-class MethodNotSupported(ProxydError):
+class TransferCodingNotImplemented(ProxydError):
+    """RFC 9112 §6.1: a transfer coding we do not implement (only chunked is)."""
+
     status = 501
     error_type = "http_request_error"
     close_connection = True

@@ -165,8 +165,8 @@ class ProxyServer:
         for conn in list(services.connections):
             conn.cancel_if_idle()
         with trio.move_on_after(self.config.shutdown_timeout):
-            while services.connections:
-                await trio.sleep(0.05)
+            if services.connections:
+                await services.all_closed.wait()
         if services.connections:
             log.warning("shutdown timeout: closing %d connection(s)", len(services.connections))
         connections.cancel_scope.cancel()

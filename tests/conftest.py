@@ -130,5 +130,5 @@ async def proxy(start_proxy: StartProxy) -> RunningProxy:
 async def eventually(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
     """Wait (bounded) until ``predicate()`` holds; the proxy logs after the client has its bytes."""
     with trio.fail_after(timeout):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110 (polling a predicate is the point)
             await trio.sleep(0.01)

@@ -31,8 +31,14 @@ class SeenRequest:
 
 
 class Exchange:
-    def __init__(self, origin: Origin, stream: trio.SocketStream, conn: h11.Connection,
-                 request: h11.Request, connection_id: int) -> None:
+    def __init__(
+        self,
+        origin: Origin,
+        stream: trio.SocketStream,
+        conn: h11.Connection,
+        request: h11.Request,
+        connection_id: int,
+    ) -> None:
         self.origin = origin
         self.stream = stream
         self.conn = conn
@@ -89,14 +95,20 @@ class Exchange:
                 return size
 
     async def send_event(self, event: h11.Event) -> None:
-        await self.stream.send_all(self.conn.send(event))
+        await self.stream.send_all(self.conn.send(event) or b"")
 
-    async def informational(self, status: int, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    async def informational(
+        self, status: int, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
         await self.send_event(h11.InformationalResponse(status_code=status, headers=headers or []))
 
-    async def respond(self, status: int = 200, body: bytes = b"",
-                      headers: list[tuple[bytes, bytes]] | None = None,
-                      content_length: bool = True) -> None:
+    async def respond(
+        self,
+        status: int = 200,
+        body: bytes = b"",
+        headers: list[tuple[bytes, bytes]] | None = None,
+        content_length: bool = True,
+    ) -> None:
         hdrs = list(headers or [])
         if content_length and not any(k.lower() == b"content-length" for k, _ in hdrs):
             hdrs.append((b"Content-Length", str(len(body)).encode()))
@@ -174,8 +186,14 @@ class Origin:
                 exchange = Exchange(self, stream, conn, event, connection_id)
                 path = event.target.split(b"?", 1)[0]
                 handler = self.routes.get(path, default_handler)
-                seen = SeenRequest(event.method, event.target, list(event.headers.raw_items()), b"",
-                                   event.http_version, connection_id)
+                seen = SeenRequest(
+                    event.method,
+                    event.target,
+                    list(event.headers.raw_items()),
+                    b"",
+                    event.http_version,
+                    connection_id,
+                )
                 self.requests.append(seen)
                 await handler(exchange)
                 if exchange.closed:

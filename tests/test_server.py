@@ -12,7 +12,9 @@ from tests.conftest import StartProxy, eventually
 from tests.origin import Exchange, Origin
 
 
-async def test_clients_outside_the_acl_get_403_and_are_logged(start_proxy: StartProxy, origin: Origin) -> None:
+async def test_clients_outside_the_acl_get_403_and_are_logged(
+    start_proxy: StartProxy, origin: Origin
+) -> None:
     """acl.allow_clients: a client address outside every listed network is refused."""
     proxy = await start_proxy(**{"acl.allow_clients": ["10.0.0.0/8"]})
     async with httpx.AsyncClient(proxy=proxy.url) as client:
@@ -67,7 +69,7 @@ async def test_drain_finishes_in_flight_requests_and_closes_idle_ones(
         await exchange.respond(200, b"finished")
 
     origin.route("/slow", slow)
-    proxy = await start_proxy(**{"shutdown_timeout": 5})
+    proxy = await start_proxy(shutdown_timeout=5)
     idle = await trio.open_tcp_stream("127.0.0.1", proxy.port)
     results: list[httpx.Response] = []
 

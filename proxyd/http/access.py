@@ -3,8 +3,9 @@
 Passwords are stored only as salted hashes (stdlib ``hashlib.scrypt``, or PBKDF2-SHA256):
 ``scrypt$N$r$p$<salt b64>$<hash b64>`` / ``pbkdf2_sha256$<iterations>$<salt b64>$<hash b64>``,
 written by ``proxyd hash-password``. Verifying one costs tens of milliseconds of CPU on purpose, so
-the client shell runs ``verify_password`` in a worker thread and remembers recent successes by the
-exact ``Proxy-Authorization`` value (``AuthCache``): a browser sends the same value on every request.
+the client shell runs ``verify_password`` in a worker thread and remembers recent successes by
+the exact ``Proxy-Authorization`` value (``AuthCache``): a browser sends the same value on every
+request.
 """
 
 from __future__ import annotations

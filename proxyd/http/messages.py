@@ -2,8 +2,8 @@
 
 A forward proxy receives request targets in two forms (RFC 9112 §3.2): absolute form for every
 method but CONNECT (``GET http://host:port/path HTTP/1.1``) and authority form for CONNECT
-(``CONNECT host:port HTTP/1.1``). ``parse_absolute_target`` and ``parse_authority`` split them into a
-``Target`` without urllib (it is on the per-request path and urllib is several times slower).
+(``CONNECT host:port HTTP/1.1``). ``parse_absolute_target`` and ``parse_authority`` split them
+into a ``Target`` without urllib (it is on the per-request path and urllib is several times slower).
 
 ``check_head_bytes`` rejects the framing tricks h11 tolerates but a proxy must not forward
 (RFC 9112 §2.2 bare LF, §5.2 obs-fold); h11 itself rejects NUL, bare CR and bad field syntax.
@@ -25,6 +25,7 @@ from proxyd.errors import (
 )
 
 DEFAULT_PORTS: Final = {b"http": 80, b"https": 443, b"ws": 80, b"wss": 443}
+_SCHEME_CHARS: Final = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789+-.")
 _HOST_CHARS: Final = frozenset(
     b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=%"
 )
@@ -82,15 +83,16 @@ def _split_host_port(authority: bytes, default_port: int | None) -> tuple[str, i
 
 def parse_absolute_target(target: bytes) -> Target:
     """``http://Host:8080/p?q`` -> Target; origin form gets a 400 that says this is a proxy."""
+    if target[:1] == b"/" or target == b"*":
+        raise NotAProxyRequest(
+            "this is a forward proxy: send the full URL (GET http://host/path), "
+            "or configure this address as your HTTP proxy"
+        )
     sep = target.find(b"://")
-    if sep <= 0:
-        if target[:1] == b"/" or target == b"*":
-            raise NotAProxyRequest(
-                "this is a forward proxy: send the full URL (GET http://host/path), "
-                "or configure this address as your HTTP proxy"
-            )
+    scheme = target[:sep].lower() if sep > 0 else b""
+    # RFC 3986 §3.1: scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )
+    if not scheme or not scheme[:1].isalpha() or not _SCHEME_CHARS.issuperset(scheme):
         raise BadRequest("the request target is not an absolute URL")
-    scheme = target[:sep].lower()
     default_port = DEFAULT_PORTS.get(scheme)
     if default_port is None:
         raise SchemeNotSupported(
@@ -159,6 +161,23 @@ def check_head_bytes(buffer: bytes | bytearray, max_size: int) -> int:
     return end
 
 
+def transfer_coding_error_status(head: bytes | bytearray) -> int:
+    """Status for a request whose Transfer-Encoding h11 refused (RFC 9112 §6.1, §6.3 item 4).
+
+    501 when the codings end with chunked but include one we do not implement (gzip, chunked);
+    400 when chunked is not the final coding or is repeated: then the body length cannot be
+    determined and the request must be rejected as malformed.
+    """
+    codings: list[bytes] = []
+    for line in bytes(head).split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep and name.strip().lower() == b"transfer-encoding":
+            codings.extend(c.strip().lower() for c in value.split(b",") if c.strip())
+    if codings and codings[-1] == b"chunked" and codings.count(b"chunked") == 1:
+        return 501
+    return 400
+
+
 # --- the proxy's own responses ----------------------------------------------------------------
 
 
@@ -173,7 +192,10 @@ def proxy_status_value(pseudonym: str, error_type: str, detail: str | None = Non
     """RFC 9209 §2: ``Proxy-Status: <proxy>; error=<type>; details="..."``."""
     value = f"{pseudonym}; error={error_type}"
     if detail:
-        escaped = detail.replace("\\", "\\\\").replace('"', '\\"')
+        # RFC 8941 §3.3.3: an sf-string holds printable ASCII only (0x20-0x7E), with \ and "
+        # escaped; anything else becomes "?" so no detail can ever break the field.
+        printable = "".join(c if " " <= c <= "~" else "?" for c in detail)
+        escaped = printable.replace("\\", "\\\\").replace('"', '\\"')
         value += f'; details="{escaped}"'
     return value.encode("ascii", "replace")
 

@@ -172,7 +172,12 @@ async def forward(
     pool = settings.pool
     origin = target.origin_key
     stats.upstream = f"{target.host}:{target.port}"
-    up_request = h11.Request(method=request.method, target=target.path, headers=facts.headers)
+    headers = facts.headers
+    if facts.has_transfer_encoding:
+        # Framing is per hop (RFC 9112 §6.1): the client's chunked body is re-chunked by h11 on
+        # the upstream hop, which must say so (h11 never adds request framing by itself).
+        headers.append((b"Transfer-Encoding", b"chunked"))
+    up_request = h11.Request(method=request.method, target=target.path, headers=headers)
     cc = client.h11
     trailers = facts.accepts_trailers
     first = cc.next_event()
@@ -259,7 +264,7 @@ async def _forward_with_body(
         async def pump() -> None:
             try:
                 await _pump_request_body(client, conn, first, settings, stats)
-            except (ClientGone, h11.RemoteProtocolError, trio.TooSlowError) as exc:
+            except (ClientGone, h11.ProtocolError, trio.TooSlowError) as exc:
                 client_failure.append(exc)
                 nursery.cancel_scope.cancel()
 
@@ -277,10 +282,10 @@ async def _forward_with_body(
     if failure is not None:
         raise failure
     if client_failure:
-        failure = client_failure[0]
-        if isinstance(failure, h11.RemoteProtocolError):
-            raise BadRequest(f"malformed request body: {failure}") from None
-        raise ClientGone(str(failure)) from None
+        problem = client_failure[0]
+        if isinstance(problem, h11.ProtocolError):
+            raise BadRequest(f"malformed request body: {problem}") from None
+        raise ClientGone(str(problem)) from None
 
 
 async def _pump_request_body(

@@ -9,8 +9,9 @@ back. The rules, with the RFC text that asks for them:
   (Proxy-Authorization, RFC 9110 §11.7.2). Framing is re-derived by h11 for each hop.
 - Host is rewritten from the target URI (RFC 9112 §3.2.2: a proxy MUST ignore a received Host and
   replace it with the target's authority). It goes first, as h11 writes it.
-- ``Via: <received-protocol> <pseudonym>`` is appended in both directions (RFC 9110 §7.6.3); a request
-  whose Via already names our pseudonym has looped back to us (508, RFC 9209 proxy_loop_detected).
+- ``Via: <received-protocol> <pseudonym>`` is appended in both directions (RFC 9110 §7.6.3); a
+  request whose Via already names our pseudonym has looped back to us (508, RFC 9209
+  proxy_loop_detected).
 - Max-Forwards on OPTIONS and TRACE (RFC 9110 §7.6.2): 0 means we answer, otherwise decrement.
 - A response with both Transfer-Encoding and Content-Length loses Content-Length (RFC 9112 §6.3).
 - Everything else keeps its order and spelling.
@@ -42,6 +43,9 @@ HOP_BY_HOP: Final = frozenset(
 # an origin's is relayed as it is (RFC 9110 §11.7.1 applies it per hop, so strip a proxy's in
 # upstream/ when there is an upstream proxy).
 _RESPONSE_HOP_BY_HOP: Final = HOP_BY_HOP - {b"proxy-authorization"}
+# Connection options can never remove the message framing: a "Connection: Content-Length" would
+# otherwise turn a body into an empty message downstream (a desync). close/keep-alive are ours.
+_FRAMING: Final = frozenset({b"content-length", b"transfer-encoding", b"close", b"keep-alive"})
 
 
 @dataclass(slots=True)
@@ -99,12 +103,14 @@ def prepare_request(
             for token in _connection_tokens(value):
                 if token == b"close":
                     facts.connection_close = True
-                elif token != b"keep-alive":
+                elif token not in _FRAMING:
                     named.add(token)
         elif lower == b"proxy-authorization":
             facts.proxy_authorization = value
         elif lower == b"te":
-            facts.accepts_trailers = b"trailers" in value.lower()
+            # RFC 9110 §10.1.4: a comma list, possibly over several lines; "trailers" a token.
+            if any(t.split(b";")[0].strip() == b"trailers" for t in _connection_tokens(value)):
+                facts.accepts_trailers = True
         elif lower == b"expect":
             if value.strip().lower() == b"100-continue":
                 facts.expects_continue = True
@@ -151,7 +157,7 @@ def prepare_response(raw_headers: Iterable[Header], *, via: bytes | None) -> lis
         lower = name.lower()
         lowered.append(lower)
         if lower == b"connection":
-            named.update(t for t in _connection_tokens(value) if t not in (b"close", b"keep-alive"))
+            named.update(t for t in _connection_tokens(value) if t not in _FRAMING)
         elif lower == b"transfer-encoding":
             has_te = True
     out: list[Header] = []

@@ -3,11 +3,11 @@
 How it works: ``run_tunnel`` runs two pumps in one nursery. Each pump reads up to 64 KiB and writes
 it to the other side before reading again (backpressure: a slow reader stalls the sender's TCP
 window, memory stays at one buffer per direction). When one side sends FIN, its pump passes it on
-with ``send_eof`` (shutdown(SHUT_WR)) and ends, while the other direction keeps flowing: RFC 9110
-§9.3.6 tunnels carry TCP semantics, and protocols such as TLS close_notify or HTTP/1.0 bodies rely on
-half-close. The tunnel ends when both directions have ended, either side fails (reset), or no byte
-moved in either direction for ``tunnel.idle_timeout`` seconds (0: no idle bound). Both sockets are
-then closed, which is the only cleanup there is.
+with ``send_eof`` (shutdown(SHUT_WR)) and ends, while the other direction keeps flowing: RFC
+9110 §9.3.6 tunnels carry TCP semantics, and protocols such as TLS close_notify or HTTP/1.0
+bodies rely on half-close. The tunnel ends when both directions have ended, either side fails
+(reset), or no byte moved in either direction for ``tunnel.idle_timeout`` seconds (0: no idle
+bound). Both sockets are then closed, which is the only cleanup there is.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ per second because formatting it is the most expensive part of a line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -81,10 +82,9 @@ class AccessLog:
                 f"{record.duration * 1000:.1f}ms upstream={record.upstream} route={record.route} "
                 f"cache={record.cache} error={record.error}"
             )
-        try:
+        # A full disk or a closed stderr must not take a request down.
+        with contextlib.suppress(OSError, ValueError):
             self._stream.write(line + "\n")
-        except (OSError, ValueError):
-            pass  # a full disk or closed stderr must not take a request down
 
     def close(self) -> None:
         if self._owned:

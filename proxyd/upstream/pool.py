@@ -14,6 +14,7 @@ their own issue with a pure ``pool_state`` module.
 
 from __future__ import annotations
 
+import contextlib
 import select
 from dataclasses import dataclass
 
@@ -56,10 +57,8 @@ class UpstreamConnection:
 
     def close_now(self) -> None:
         """Close without awaiting (an idle or broken socket: no TLS close_notify owed)."""
-        try:
+        with contextlib.suppress(OSError):
             self._socket().close()
-        except OSError:
-            pass
 
 
 @dataclass(frozen=True, slots=True)

@@ -108,7 +108,9 @@ async def test_one_gib_download_and_upload_with_flat_memory(
 
         stream = await trio.open_tcp_stream("127.0.0.1", daemon.port)
         with trio.fail_after(120):
-            await stream.send_all(f"GET {origin.url('/download')} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            await stream.send_all(
+                f"GET {origin.url('/download')} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            )
             buffer = b""
             while b"\r\n\r\n" not in buffer:
                 buffer += await stream.receive_some(65536)
@@ -122,7 +124,8 @@ async def test_one_gib_download_and_upload_with_flat_memory(
             assert received == GIB
 
             await stream.send_all(
-                f"POST {origin.url('/upload')} HTTP/1.1\r\nHost: x\r\nContent-Length: {GIB}\r\n\r\n".encode()
+                f"POST {origin.url('/upload')} HTTP/1.1\r\nHost: x\r\n"
+                f"Content-Length: {GIB}\r\n\r\n".encode()
             )
             for _ in range(GIB // len(CHUNK)):
                 await stream.send_all(CHUNK)
@@ -140,4 +143,6 @@ async def test_one_gib_download_and_upload_with_flat_memory(
         await stream.aclose()
     finally:
         daemon.stop()
-    assert daemon.process.returncode == 0, daemon.process.stderr.read() if daemon.process.stderr else ""
+    assert daemon.process.returncode == 0, (
+        daemon.process.stderr.read() if daemon.process.stderr else ""
+    )

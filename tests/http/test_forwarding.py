@@ -10,7 +10,9 @@ from tests.conftest import RunningProxy
 from tests.origin import Exchange, Origin
 
 
-async def test_get_absolute_form_is_forwarded_in_origin_form(proxy: RunningProxy, origin: Origin) -> None:
+async def test_get_absolute_form_is_forwarded_in_origin_form(
+    proxy: RunningProxy, origin: Origin
+) -> None:
     async with httpx.AsyncClient(proxy=proxy.url) as client:
         response = await client.get(origin.url("/hello?x=1"), headers={"X-Custom-Case": "Kept"})
     assert response.status_code == 200

@@ -6,6 +6,7 @@ the framing, trailers, a cut connection); httpx is used where a real client's vi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 
@@ -53,7 +54,9 @@ class RawClient:
                     continue
                 return event  # type: ignore[return-value]
 
-    async def response(self) -> tuple[list[h11.InformationalResponse], h11.Response, bytes, list[tuple[bytes, bytes]]]:
+    async def response(
+        self,
+    ) -> tuple[list[h11.InformationalResponse], h11.Response, bytes, list[tuple[bytes, bytes]]]:
         informational: list[h11.InformationalResponse] = []
         body = bytearray()
         while True:
@@ -124,7 +127,9 @@ async def test_every_1xx_is_forwarded_in_order_then_the_final_response(
     assert 'status_class="1xx"' not in metrics
 
 
-async def test_expect_100_continue_waits_for_the_origin(proxy: RunningProxy, origin: Origin) -> None:
+async def test_expect_100_continue_waits_for_the_origin(
+    proxy: RunningProxy, origin: Origin
+) -> None:
     """RFC 9110 §10.1.1: the proxy must not answer 100 itself; the client's body goes up only
     after the origin's 100 is relayed."""
     seen_body: list[bytes] = []
@@ -193,7 +198,10 @@ async def test_chunked_trailers_reach_a_client_that_accepts_them(
     async def with_trailers(exchange: Exchange) -> None:
         await exchange.read_body()
         await exchange.send_event(
-            h11.Response(status_code=200, headers=[(b"Transfer-Encoding", b"chunked"), (b"Trailer", b"X-Digest")])
+            h11.Response(
+                status_code=200,
+                headers=[(b"Transfer-Encoding", b"chunked"), (b"Trailer", b"X-Digest")],
+            )
         )
         await exchange.send_event(h11.Data(data=b"part1-"))
         await exchange.send_event(h11.Data(data=b"part2"))
@@ -222,7 +230,9 @@ async def test_close_delimited_response_becomes_chunked_for_http11(
 
     async def close_delimited(exchange: Exchange) -> None:
         await exchange.read_body()
-        await exchange.send_raw(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n" + b"x" * 100_000)
+        await exchange.send_raw(
+            b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n" + b"x" * 100_000
+        )
 
     origin.route("/old", close_delimited)
     async with httpx.AsyncClient(proxy=proxy.url) as client:
@@ -239,7 +249,9 @@ async def test_head_response_has_no_body(proxy: RunningProxy, origin: Origin) ->
 
     async def head(exchange: Exchange) -> None:
         await exchange.read_body()
-        data = exchange.conn.send(h11.Response(status_code=200, headers=[(b"Content-Length", b"1234")]))
+        data = exchange.conn.send(
+            h11.Response(status_code=200, headers=[(b"Content-Length", b"1234")])
+        )
         data += exchange.conn.send(h11.EndOfMessage())
         await exchange.stream.send_all(data)
 
@@ -250,12 +262,16 @@ async def test_head_response_has_no_body(proxy: RunningProxy, origin: Origin) ->
         assert (await client.get(origin.url("/"))).status_code == 200
 
 
-async def test_http10_client_gets_a_close_delimited_body(proxy: RunningProxy, origin: Origin) -> None:
+async def test_http10_client_gets_a_close_delimited_body(
+    proxy: RunningProxy, origin: Origin
+) -> None:
     """RFC 9112 §6.3: an HTTP/1.0 client cannot take chunked; the body ends with the close."""
 
     async def unknown_length(exchange: Exchange) -> None:
         await exchange.read_body()
-        await exchange.send_event(h11.Response(status_code=200, headers=[(b"Transfer-Encoding", b"chunked")]))
+        await exchange.send_event(
+            h11.Response(status_code=200, headers=[(b"Transfer-Encoding", b"chunked")])
+        )
         await exchange.send_event(h11.Data(data=b"streamed"))
         await exchange.send_event(h11.EndOfMessage())
 
@@ -277,13 +293,17 @@ async def test_origin_dying_mid_body_cuts_the_client_connection(
 
     async def dies(exchange: Exchange) -> None:
         await exchange.read_body()
-        await exchange.stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"y" * 400)
+        await exchange.stream.send_all(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"y" * 400
+        )
         await trio.sleep(0.05)
         await exchange.abort()
 
     async def dies_chunked(exchange: Exchange) -> None:
         await exchange.read_body()
-        await exchange.stream.send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await exchange.stream.send_all(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+        )
         await trio.sleep(0.05)
         await exchange.abort()
 
@@ -334,10 +354,8 @@ async def test_connect_timeout_is_504(start_proxy: StartProxy) -> None:
         for _ in range(4):  # fill the backlog so further SYNs are dropped
             filler = socket.socket()
             filler.setblocking(False)
-            try:
+            with contextlib.suppress(BlockingIOError):
                 filler.connect(("127.0.0.1", port))
-            except BlockingIOError:
-                pass
             fillers.append(filler)
         await trio.sleep(0.1)
         try:
@@ -364,7 +382,9 @@ async def test_response_head_timeout_is_504(start_proxy: StartProxy, origin: Ori
     assert "error=http_response_timeout" in response.headers["proxy-status"]
 
 
-async def test_idle_body_read_timeout_cuts_the_response(start_proxy: StartProxy, origin: Origin) -> None:
+async def test_idle_body_read_timeout_cuts_the_response(
+    start_proxy: StartProxy, origin: Origin
+) -> None:
     """upstream.timeouts.idle_read bounds a stalled body; the client connection is cut."""
     proxy = await start_proxy(**{"upstream.timeouts.idle_read": 0.3})
 
@@ -534,22 +554,34 @@ async def test_hop_by_hop_fields_are_removed_both_ways(proxy: RunningProxy, orig
         await exchange.respond(
             200,
             b"ok",
-            [(b"Connection", b"X-Secret-Hop"), (b"X-Secret-Hop", b"1"), (b"Keep-Alive", b"timeout=5"),
-             (b"X-End", b"kept")],
+            [
+                (b"Connection", b"X-Secret-Hop"),
+                (b"X-Secret-Hop", b"1"),
+                (b"Keep-Alive", b"timeout=5"),
+                (b"X-End", b"kept"),
+            ],
         )
 
     origin.route("/hop", hop)
     async with httpx.AsyncClient(proxy=proxy.url) as client:
         response = await client.get(
             origin.url("/hop"),
-            headers={"Connection": "keep-alive, X-Private", "X-Private": "p", "Keep-Alive": "300",
-                     "Proxy-Connection": "keep-alive", "Upgrade": "h2c", "X-Visible": "v"},
+            headers={
+                "Connection": "keep-alive, X-Private",
+                "X-Private": "p",
+                "Keep-Alive": "300",
+                "Proxy-Connection": "keep-alive",
+                "Upgrade": "h2c",
+                "X-Visible": "v",
+            },
         )
     assert response.status_code == 200
     assert "x-secret-hop" not in response.headers and "keep-alive" not in response.headers
     assert response.headers["x-end"] == "kept"
     sent = {name.lower() for name, _ in origin.requests[0].headers}
-    assert {b"x-private", b"keep-alive", b"proxy-connection", b"upgrade", b"connection"}.isdisjoint(sent)
+    assert {b"x-private", b"keep-alive", b"proxy-connection", b"upgrade", b"connection"}.isdisjoint(
+        sent
+    )
     assert b"x-visible" in sent
 
 
@@ -596,7 +628,8 @@ async def test_response_split_at_every_byte(proxy: RunningProxy, origin: Origin)
     metrics = await admin_metrics(proxy)
     assert f"proxyd_upstream_time_to_first_byte_seconds_count {float(len(positions))}" in metrics
     assert (
-        f'proxyd_requests_total{{method="GET",status_class="2xx"}} {float(len(positions))}' in metrics
+        f'proxyd_requests_total{{method="GET",status_class="2xx"}} {float(len(positions))}'
+        in metrics
     )
 
 

@@ -30,7 +30,9 @@ async def start_tcp_server(
     return int(listeners[0].socket.getsockname()[1])
 
 
-async def test_tunnel_relays_both_ways_with_half_close(start_proxy: StartProxy, nursery: trio.Nursery) -> None:
+async def test_tunnel_relays_both_ways_with_half_close(
+    start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
     """One side's FIN is passed on while the other direction keeps flowing: the server reads
     until EOF, then answers; the client gets the answer after shutting down its write side."""
 
@@ -45,7 +47,9 @@ async def test_tunnel_relays_both_ways_with_half_close(start_proxy: StartProxy, 
     proxy = await start_proxy(**{"connect.allowed_ports": [port]})
     client = await trio.open_tcp_stream("127.0.0.1", proxy.port)
     # The first payload bytes ride in the same write as the CONNECT head.
-    await client.send_all(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode() + b"early")
+    await client.send_all(
+        f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode() + b"early"
+    )
     head, rest = await read_head(client)
     assert head.startswith(b"HTTP/1.1 200")
     assert b"Via: 1.1 proxyd-test" in head
@@ -91,7 +95,9 @@ async def test_tunnel_to_the_admin_port_is_refused(start_proxy: StartProxy) -> N
     """The admin listener is never reachable through the proxy port, even by CONNECT."""
     proxy = await start_proxy(**{"connect.allowed_ports": ["1-65535"]})
     client = await trio.open_tcp_stream("127.0.0.1", proxy.port)
-    await client.send_all(f"CONNECT 127.0.0.1:{proxy.admin_port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await client.send_all(
+        f"CONNECT 127.0.0.1:{proxy.admin_port} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    )
     head, _ = await read_head(client)
     assert head.startswith(b"HTTP/1.1 403")
 

@@ -10,8 +10,16 @@ from proxyd.observe.accesslog import AccessLog, AccessRecord
 
 def record() -> AccessRecord:
     return AccessRecord(
-        conn_id=7, client="127.0.0.1", method="GET", url="http://a.test/x", status=200,
-        bytes_in=3, bytes_out=1024, duration=0.0123, upstream="a.test:80", user="alice",
+        conn_id=7,
+        client="127.0.0.1",
+        method="GET",
+        url="http://a.test/x",
+        status=200,
+        bytes_in=3,
+        bytes_out=1024,
+        duration=0.0123,
+        upstream="a.test:80",
+        user="alice",
     )
 
 
