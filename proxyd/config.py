@@ -221,7 +221,7 @@ class UpstreamTimeouts(_Section):
 class UpstreamConfig(_Section):
     timeouts: UpstreamTimeouts = UpstreamTimeouts()
     keepalive_idle: Seconds = 60.0
-    max_idle_per_origin: Annotated[int, Field(ge=0)] = 6
+    max_idle_per_origin: Annotated[int, Field(ge=0)] = 64
 
 
 class TunnelConfig(_Section):

@@ -69,7 +69,7 @@ class AdminServer:
                     while not isinstance(body_event := conn.next_event(), h11.EndOfMessage):
                         if body_event is h11.NEED_DATA:
                             conn.receive_data(await stream.receive_some(65536))
-                if conn.their_state is not h11.DONE:
+                if conn.their_state not in (h11.DONE, h11.MUST_CLOSE):
                     return
                 status, content_type, body = await self._answer(event)
                 headers = [

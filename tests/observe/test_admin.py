@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import RunningProxy, eventually
@@ -50,3 +51,14 @@ async def test_admin_port_is_not_reachable_through_the_proxy(proxy: RunningProxy
         assert response.status_code == 403
         by_name = await client.get(f"http://localhost:{proxy.admin_port}/metrics")
         assert by_name.status_code == 403
+
+
+async def test_admin_answers_connection_close_requests(proxy: RunningProxy) -> None:
+    """A one-shot client (curl -H 'Connection: close', urllib) still gets its answer."""
+    stream = await trio.open_tcp_stream("127.0.0.1", proxy.admin_port)
+    await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    received = b""
+    with trio.fail_after(5):
+        while chunk := await stream.receive_some(4096):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200") and received.endswith(b"ok\n")
