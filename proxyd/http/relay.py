@@ -55,6 +55,7 @@ MAX_RESPONSE_HEAD: Final = 65536
 _NEED_DATA = h11.NEED_DATA
 _Data = h11.Data
 _EndOfMessage = h11.EndOfMessage
+_END = h11.EndOfMessage()  # events are immutable: one instance serves every response
 
 
 class ClientGone(Exception):
@@ -177,7 +178,11 @@ async def forward(
         # Framing is per hop (RFC 9112 §6.1): the client's chunked body is re-chunked by h11 on
         # the upstream hop, which must say so (h11 never adds request framing by itself).
         headers.append((b"Transfer-Encoding", b"chunked"))
-    up_request = h11.Request(method=request.method, target=target.path, headers=headers)
+    # _parsed=True: every field came out of h11's parser (already validated) or is ours; skipping
+    # h11's per-field regexes is the single largest saving on the per-request path.
+    up_request = h11.Request(
+        method=request.method, target=target.path, headers=headers, _parsed=True
+    )
     cc = client.h11
     trailers = facts.accepts_trailers
     first = cc.next_event()
@@ -218,19 +223,20 @@ async def _forward_without_body(
     accepts_trailers: bool,
 ) -> None:
     uc = conn.h11
-    head = uc.send(up_request) + uc.send(_EndOfMessage())
+    head = uc.send(up_request) + uc.send(_END)
     if stats.reused:
         settings.metrics.upstream_reuses.inc()
     conn.requests += 1
+    scope = trio.CancelScope(deadline=trio.current_time() + settings.idle_read_timeout)
     try:
-        with trio.fail_after(settings.idle_read_timeout):
+        with scope:
             await conn.stream.send_all(head)
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         if stats.reused:
             raise _StaleConnection from exc
         raise ResponseIncomplete(f"the origin {stats.upstream} closed the connection") from None
-    except trio.TooSlowError:
-        raise ReadTimeout(f"sending the request to {stats.upstream} stalled") from None
+    if scope.cancelled_caught:
+        raise ReadTimeout(f"sending the request to {stats.upstream} stalled")
     response = await _receive_response_head(client, conn, settings, stats)
     await _relay_response(client, conn, response, settings, stats, accepts_trailers)
 
@@ -330,9 +336,8 @@ async def _pump_request_body(
 
 
 async def _receive_upstream(conn: UpstreamConnection, timeout: float) -> bytes:
-    with trio.move_on_after(timeout) as scope:
+    with trio.CancelScope(deadline=trio.current_time() + timeout):
         return cast(bytes, await conn.stream.receive_some(RECEIVE_SIZE))
-    assert scope.cancelled_caught
     raise trio.TooSlowError
 
 
@@ -359,7 +364,7 @@ async def _receive_response_head(
             if received > MAX_RESPONSE_HEAD:
                 raise ResponseHeadTooLarge(f"the response head from {stats.upstream} is too large")
             try:
-                with trio.move_on_at(deadline) as scope:
+                with trio.CancelScope(deadline=deadline) as scope:
                     data = cast(bytes, await conn.stream.receive_some(RECEIVE_SIZE))
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 if not got_any and stats.reused:
@@ -393,7 +398,10 @@ async def _receive_response_head(
             )
             data = cc.send(
                 h11.InformationalResponse(
-                    status_code=event.status_code, headers=headers, reason=event.reason
+                    status_code=event.status_code,
+                    headers=headers,
+                    reason=event.reason,
+                    _parsed=True,
                 )
             )
             await client.send(data, settings.idle_read_timeout)
@@ -419,7 +427,12 @@ async def _relay_response(
         headers.append((b"Connection", b"close"))  # h11 then ends the connection after it
     out: list[bytes] = [
         cc.send(
-            h11.Response(status_code=response.status_code, headers=headers, reason=response.reason)
+            h11.Response(
+                status_code=response.status_code,
+                headers=headers,
+                reason=response.reason,
+                _parsed=True,
+            )
         )
     ]
     # Trailers reach the client only over chunked framing, which h11 picks for an HTTP/1.1 client
@@ -461,7 +474,7 @@ async def _relay_response(
             if trailers and client_chunked and accepts_trailers:
                 out.append(cc.send(h11.EndOfMessage(headers=list(trailers.raw_items()))))
             else:
-                out.append(cc.send(_EndOfMessage()))
+                out.append(cc.send(_END))
             await _send_client(client, out, idle, stats)
             return
         else:
