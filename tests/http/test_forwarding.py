@@ -6,7 +6,7 @@ import json
 
 import httpx
 
-from tests.conftest import RunningProxy
+from tests.conftest import RunningProxy, StartProxy
 from tests.origin import Exchange, Origin
 
 
@@ -49,3 +49,15 @@ async def test_post_body_streams_up(proxy: RunningProxy, origin: Origin) -> None
     assert response.status_code == 201
     assert response.content == (b"abcdef" * 1000)[::-1]
     assert json.loads(b'{"ok": 1}')["ok"] == 1
+
+
+async def test_dns_hosts_override_wins(start_proxy: StartProxy, origin: Origin) -> None:
+    """dns.hosts maps a name to an address for the proxy only, like an /etc/hosts; the Host
+    field still carries the name."""
+    proxy = await start_proxy(**{"dns.hosts": {"intranet.example": "127.0.0.1"}})
+    async with httpx.AsyncClient(proxy=proxy.url) as client:
+        response = await client.get(f"http://intranet.example:{origin.port}/via-override")
+    assert response.status_code == 200
+    echo = response.json()
+    assert echo["target"] == "/via-override"
+    assert dict(echo["headers"])["Host"] == f"intranet.example:{origin.port}"
