@@ -104,6 +104,7 @@ class ClientConnection:
     __slots__ = (
         "_idle_scope",
         "_linger",
+        "_logged",
         "allowed",
         "client_address",
         "conn_id",
@@ -127,6 +128,7 @@ class ClientConnection:
         self.user = "-"
         self._idle_scope: trio.CancelScope | None = None
         self._linger = False
+        self._logged = False
 
     # --- I/O helpers used by http.relay (the ClientSide protocol) ------------------------------
 
@@ -202,6 +204,7 @@ class ClientConnection:
         cc = self.h11
         services = self.services
         while True:
+            self._logged = False
             try:
                 request = await self._read_request()
             except ProxydError as exc:
@@ -213,6 +216,9 @@ class ClientConnection:
             if not keep_alive or services.draining:
                 return
             if cc.our_state is not h11.DONE or cc.their_state is not h11.DONE:
+                # e.g. the origin answered before the whole body came: close in stages so the
+                # unread upload does not turn the close into a reset that destroys the answer.
+                self._linger = True
                 return
             cc.start_next_cycle()
 
@@ -303,8 +309,11 @@ class ClientConnection:
                 return await self._answer_max_forwards(request, started)
             await forward(self, request, target, facts, services.relay, stats)
         except ProxydError as exc:
-            if stats.head_sent:
-                raise
+            if stats.head_sent:  # too late for an error response: cut the connection
+                log.info("c%d: %s", self.conn_id, exc.detail)
+                self._finish(method, url, started, stats, error_type=exc.error_type)
+                services.metrics.observe_error(exc.error_type)
+                return False
             return await self._send_error(
                 exc, method, url.decode("ascii", "replace"), started, stats
             )
@@ -335,6 +344,11 @@ class ClientConnection:
         error_type: str = "-",
         route: str = "DIRECT",
     ) -> None:
+        """Account for one request: exactly one access-log line and one requests_total count,
+        however many paths try to (a response we wrote ourselves, then the client vanishing)."""
+        if self._logged:
+            return
+        self._logged = True
         services = self.services
         duration = trio.current_time() - started
         method_text = method.decode("ascii", "replace")
@@ -422,7 +436,10 @@ class ClientConnection:
             stats.head_sent = True
             trailing, _ = self.h11.trailing_data
             if trailing:
-                await upstream.send_all(trailing)
+                with trio.move_on_after(config.upstream.timeouts.idle_read) as scope:
+                    await upstream.send_all(trailing)
+                if scope.cancelled_caught:
+                    raise trio.BrokenResourceError("the origin did not take the first bytes")
                 tunnel_stats.bytes_up += len(trailing)
             await run_tunnel(
                 self.stream,
@@ -493,8 +510,10 @@ class ClientConnection:
         stats.status = status
         try:
             await self.send(data, self.services.config.upstream.timeouts.idle_read)
-        finally:
-            self._finish(method, url, started, stats, error_type=error_type)
+        except ClientGone:
+            self._finish(method, url, started, stats, error_type="client_gone")
+            raise
+        self._finish(method, url, started, stats, error_type=error_type)
         if cc is not None:
             _consume_buffered_request(cc)
         keep = cc is not None and cc.their_state is h11.DONE

@@ -38,6 +38,7 @@ class Target:
     port: int
     authority: bytes  # what goes in Host: "host" or "host:port" (default port omitted)
     path: bytes  # origin form: "/path?query", never empty
+    has_path: bool = True  # False for "http://host" (no path, no query): OPTIONS becomes "*"
 
     @property
     def origin_key(self) -> tuple[bytes, str, int]:
@@ -109,12 +110,13 @@ def parse_absolute_target(target: bytes) -> Target:
     fragment = path.find(b"#")
     if fragment >= 0:  # RFC 9110 §4.2.5: a fragment is never sent
         path = path[:fragment]
+    has_path = bool(path)
     if not path:
         path = b"/"
     elif path[:1] == b"?":
         path = b"/" + path
     host, port = _split_host_port(authority, default_port)
-    return Target(scheme, host, port, _host_header(host, port, default_port), path)
+    return Target(scheme, host, port, _host_header(host, port, default_port), path, has_path)
 
 
 def parse_authority(target: bytes) -> Target:

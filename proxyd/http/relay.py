@@ -50,6 +50,7 @@ from proxyd.upstream.connect import open_origin_stream
 from proxyd.upstream.pool import OriginPool, UpstreamConnection
 
 RECEIVE_SIZE: Final = 65536
+IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 MAX_RESPONSE_HEAD: Final = 65536
 
 _NEED_DATA = h11.NEED_DATA
@@ -115,6 +116,9 @@ class ExchangeStats:
     upstream: str = "-"
     first_byte_at: float = 0.0
     head_sent: bool = False
+    #: A stale reused socket may be retried: no body, and an idempotent method (RFC 9110 §9.2.2,
+    #: RFC 9112 §9.3.1: a proxy must not retry a non-idempotent request on its own).
+    retryable: bool = False
     informational: list[int] = field(default_factory=list)
 
 
@@ -180,15 +184,17 @@ async def forward(
         headers.append((b"Transfer-Encoding", b"chunked"))
     # _parsed=True: every field came out of h11's parser (already validated) or is ours; skipping
     # h11's per-field regexes is the single largest saving on the per-request path.
-    up_request = h11.Request(
-        method=request.method, target=target.path, headers=headers, _parsed=True
-    )
+    path = target.path
+    if not target.has_path and request.method == b"OPTIONS":
+        path = b"*"  # RFC 9112 §3.2.4: OPTIONS http://host forwards as OPTIONS *
+    up_request = h11.Request(method=request.method, target=path, headers=headers, _parsed=True)
     cc = client.h11
     trailers = facts.accepts_trailers
     first = cc.next_event()
     has_body = type(first) is not _EndOfMessage
     conn = pool.take_idle(origin, trio.current_time())
     stats.reused = conn is not None
+    stats.retryable = stats.reused and not has_body and request.method in IDEMPOTENT_METHODS
     if conn is None:
         conn = await _connect(settings, target)
     try:
@@ -201,7 +207,7 @@ async def forward(
                 conn.close_now()
                 settings.metrics.upstream_retries.inc()
                 conn = await _connect(settings, target)
-                stats.reused = False
+                stats.reused = stats.retryable = False
                 await _forward_without_body(client, conn, up_request, settings, stats, trailers)
     except BaseException:
         conn.close_now()
@@ -232,7 +238,7 @@ async def _forward_without_body(
         with scope:
             await conn.stream.send_all(head)
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        if stats.reused:
+        if stats.retryable:
             raise _StaleConnection from exc
         raise ResponseIncomplete(f"the origin {stats.upstream} closed the connection") from None
     if scope.cancelled_caught:
@@ -290,6 +296,8 @@ async def _forward_with_body(
     if client_failure:
         problem = client_failure[0]
         if isinstance(problem, h11.ProtocolError):
+            if stats.head_sent:
+                raise ResponseAborted("http_request_error", f"malformed request body: {problem}")
             raise BadRequest(f"malformed request body: {problem}") from None
         raise ClientGone(str(problem)) from None
 
@@ -329,7 +337,10 @@ async def _pump_request_body(
             with trio.fail_after(idle):
                 await conn.stream.send_all(out)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
-            return  # the origin stopped reading; its answer (or its absence) decides the rest
+            # The origin stopped reading; its answer (or its absence) decides the rest. h11 may
+            # already count the body as sent, so the socket must never go back to the pool.
+            conn.broken = True
+            return
         if type(event) is _EndOfMessage:
             return
         event = cc.next_event()
@@ -353,7 +364,7 @@ async def _receive_response_head(
         try:
             event = uc.next_event()
         except h11.RemoteProtocolError as exc:
-            if not got_any and stats.reused:
+            if not got_any and stats.retryable:
                 raise _StaleConnection from exc
             if not got_any:
                 raise ResponseIncomplete(
@@ -367,7 +378,7 @@ async def _receive_response_head(
                 with trio.CancelScope(deadline=deadline) as scope:
                     data = cast(bytes, await conn.stream.receive_some(RECEIVE_SIZE))
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                if not got_any and stats.reused:
+                if not got_any and stats.retryable:
                     raise _StaleConnection from exc
                 raise ResponseIncomplete(
                     f"the connection to {stats.upstream} broke before a complete response"
@@ -379,7 +390,7 @@ async def _receive_response_head(
             if data:
                 got_any = True
                 received += len(data)
-            elif stats.reused and not got_any:
+            elif stats.retryable and not got_any:
                 raise _StaleConnection
             uc.receive_data(data)
             continue
@@ -393,6 +404,8 @@ async def _receive_response_head(
                 raise BadResponse(f"{stats.upstream} switched protocols without being asked")
             got_any = True
             stats.informational.append(event.status_code)
+            if cc.their_http_version != b"1.1":
+                continue  # RFC 9110 §15.2: never send a 1xx to an HTTP/1.0 client
             headers = prepare_response(
                 event.headers.raw_items(), via=settings.via_for_version(event.http_version)
             )
@@ -437,7 +450,9 @@ async def _relay_response(
     ]
     # Trailers reach the client only over chunked framing, which h11 picks for an HTTP/1.1 client
     # when the response carries no Content-Length (RFC 9112 §7.1.2).
-    client_chunked = not any(name.lower() == b"content-length" for name, _ in headers)
+    client_chunked = cc.their_http_version == b"1.1" and not any(
+        name.lower() == b"content-length" for name, _ in headers
+    )
     idle = settings.idle_read_timeout
     while True:
         try:

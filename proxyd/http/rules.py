@@ -142,6 +142,7 @@ def prepare_request(
     if facts.accepts_trailers:
         # TE is hop-by-hop; we can pass trailers on, so we may ask the origin for them.
         out.append((b"TE", b"trailers"))
+        out.append((b"Connection", b"TE"))  # RFC 9110 §10.1.4: a sender of TE must list it
     if via is not None:
         out.append((b"Via", via))
     return facts

@@ -27,7 +27,7 @@ OriginKey = tuple[bytes, str, int]
 class UpstreamConnection:
     """One socket to an origin and the h11 client-role state that speaks over it."""
 
-    __slots__ = ("created_at", "h11", "idle_since", "origin", "requests", "stream")
+    __slots__ = ("broken", "created_at", "h11", "idle_since", "origin", "requests", "stream")
 
     def __init__(self, stream: trio.abc.Stream, origin: OriginKey, now: float) -> None:
         self.stream = stream
@@ -36,6 +36,8 @@ class UpstreamConnection:
         self.created_at = now
         self.idle_since = now
         self.requests = 0
+        #: Set when a write failed mid-exchange: whatever h11 believes, never reuse it.
+        self.broken = False
 
     def _socket(self) -> trio.socket.SocketType:
         stream = self.stream
@@ -98,7 +100,7 @@ class OriginPool:
     def release(self, conn: UpstreamConnection, now: float) -> None:
         """Hand back a connection whose exchange finished cleanly; close it if it can't idle."""
         state = conn.h11
-        if state.our_state is not h11.DONE or state.their_state is not h11.DONE:
+        if conn.broken or state.our_state is not h11.DONE or state.their_state is not h11.DONE:
             conn.close_now()
             return
         state.start_next_cycle()

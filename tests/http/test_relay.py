@@ -214,7 +214,7 @@ async def test_chunked_trailers_reach_a_client_that_accepts_them(
     assert body == b"part1-part2"
     assert trailers == [(b"X-Digest", b"abc123")]
     assert header(final, b"transfer-encoding") == b"chunked"
-    assert origin.requests[0].headers[-2:][0] == (b"TE", b"trailers")
+    assert origin.requests[0].headers[-3:-1] == [(b"TE", b"trailers"), (b"Connection", b"TE")]
 
     plain = await RawClient.connect(proxy.port)
     await plain.send(get(origin, "/t"), h11.EndOfMessage())
@@ -666,3 +666,174 @@ async def test_errors_while_a_body_is_pumped_still_get_an_error_response(
         response = await client.post(origin.url("/sleepy"), content=b"q" * 5000)
     assert response.status_code == 504
     assert "error=http_response_timeout" in response.headers["proxy-status"]
+
+
+# --- regressions found in review -------------------------------------------------------------
+
+
+def no_crash(caplog: pytest.LogCaptureFixture) -> bool:
+    return not [r for r in caplog.records if "unexpected error" in r.getMessage()]
+
+
+async def pooled_client(proxy: RunningProxy, origin: Origin) -> trio.SocketStream:
+    """A client connection whose upstream socket to the origin is now pooled and idle."""
+    stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+    await stream.send_all(f"GET {origin.url('/')} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    buffer = b""
+    with trio.fail_after(5):
+        while b"}" not in buffer:  # the JSON echo body ends with "}"
+            buffer += await stream.receive_some(65536)
+    return stream
+
+
+async def read_until_closed(stream: trio.SocketStream, timeout: float = 5.0) -> bytes:
+    received = b""
+    with trio.fail_after(timeout):
+        try:
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+        except trio.BrokenResourceError:
+            pass
+    return received
+
+
+async def test_reused_socket_failing_under_a_request_body_is_a_502(
+    proxy: RunningProxy, origin: Origin, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request with a body cannot be replayed: a pooled socket that dies under it gives the
+    client a 502 (not a crashed connection), and the request is logged once."""
+
+    async def hang_up(exchange: Exchange) -> None:
+        await exchange.read_body()
+        await exchange.abort()
+
+    origin.route("/abort", hang_up)
+    stream = await pooled_client(proxy, origin)
+    await stream.send_all(
+        f"POST {origin.url('/abort')} HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc".encode()
+    )
+    with trio.fail_after(5):
+        answer = await stream.receive_some(65536)
+    assert answer.startswith(b"HTTP/1.1 502")
+    await eventually(lambda: len(proxy.access_lines()) == 2)
+    assert no_crash(caplog)
+
+
+async def test_non_idempotent_request_is_never_retried(proxy: RunningProxy, origin: Origin) -> None:
+    """RFC 9112 §9.3.1: a POST (even without a body) that met a dead pooled socket is not
+    replayed by the proxy: the origin sees it once, the client gets a 502."""
+
+    async def hang_up(exchange: Exchange) -> None:
+        await exchange.abort()
+
+    origin.route("/abort", hang_up)
+    stream = await pooled_client(proxy, origin)
+    await stream.send_all(
+        f"POST {origin.url('/abort')} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode()
+    )
+    with trio.fail_after(5):
+        answer = await stream.receive_some(65536)
+    assert answer.startswith(b"HTTP/1.1 502")
+    assert len([r for r in origin.requests if r.method == b"POST"]) == 1
+
+
+async def test_malformed_body_after_the_response_head_cuts_the_connection(
+    proxy: RunningProxy, origin: Origin, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A chunked upload that turns malformed once the response is under way can no longer get
+    a 400: the connection is cut and the request logged with its error type."""
+
+    async def answers_early(exchange: Exchange) -> None:
+        await exchange.send_event(
+            h11.Response(status_code=200, headers=[(b"Content-Length", b"10")])
+        )
+        await exchange.send_event(h11.Data(data=b"12345"))
+        await trio.sleep(1.0)
+
+    origin.route("/early", answers_early)
+    stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+    await stream.send_all(
+        f"POST {origin.url('/early')} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        "3\r\nabc\r\n".encode()
+    )
+    with trio.fail_after(5):
+        first = await stream.receive_some(65536)
+    assert first.startswith(b"HTTP/1.1 200")
+    await stream.send_all(b"zz-not-hex\r\n")
+    await read_until_closed(stream)
+    await eventually(lambda: len(proxy.access_lines()) == 1)
+    assert "error=http_request_error" in proxy.access_lines()[0]
+    assert no_crash(caplog)
+
+
+async def test_http10_client_gets_no_trailers_and_no_1xx(
+    proxy: RunningProxy, origin: Origin, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RFC 9110 §15.2: no 1xx to an HTTP/1.0 client; RFC 9112 §7.1.2: trailers only exist in
+    chunked framing, which a 1.0 client cannot take, so they are dropped."""
+
+    async def hints_and_trailers(exchange: Exchange) -> None:
+        await exchange.read_body()
+        await exchange.informational(103, [(b"Link", b"</a>")])
+        await exchange.send_event(
+            h11.Response(status_code=200, headers=[(b"Transfer-Encoding", b"chunked")])
+        )
+        await exchange.send_event(h11.Data(data=b"hello"))
+        await exchange.send_event(h11.EndOfMessage(headers=[(b"X-T", b"1")]))
+
+    origin.route("/tr", hints_and_trailers)
+    data = await raw_exchange(
+        proxy.port, f"GET {origin.url('/tr')} HTTP/1.0\r\nTE: trailers\r\n\r\n".encode()
+    )
+    assert data.startswith(b"HTTP/1.1 200")
+    assert b" 103 " not in data and b"X-T" not in data
+    assert data.endswith(b"\r\n\r\nhello")
+    assert no_crash(caplog)
+
+
+async def test_options_without_a_path_is_forwarded_as_asterisk(
+    proxy: RunningProxy, origin: Origin
+) -> None:
+    """RFC 9112 §3.2.4: OPTIONS http://host (no path) is forwarded as OPTIONS *."""
+    data = await raw_exchange(
+        proxy.port,
+        f"OPTIONS {origin.base} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode(),
+    )
+    assert data.startswith(b"HTTP/1.1 200")
+    assert origin.requests[0].target == b"*"
+
+
+async def test_a_request_is_logged_once_when_the_client_stops_reading(
+    start_proxy: StartProxy, origin: Origin
+) -> None:
+    """A response the proxy writes itself (TRACE with Max-Forwards: 0) to a client that stopped
+    reading is accounted once, as client_gone, not once as 200 and again as gone."""
+    proxy = await start_proxy(**{"upstream.timeouts.idle_read": 0.3})
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", proxy.port))
+    stream = trio.SocketStream(sock)
+    request = (
+        f"TRACE {origin.base}/ HTTP/1.1\r\nHost: x\r\nMax-Forwards: 0\r\n"
+        f"X-Pad: {'a' * 6000}\r\n\r\n"
+    ).encode()
+    with trio.move_on_after(2):
+        try:
+            for _ in range(400):
+                await stream.send_all(request)
+        except trio.BrokenResourceError:
+            pass
+    await eventually(lambda: any("client_gone" in line for line in proxy.access_lines()))
+    await trio.sleep(0.2)
+    gone = [line for line in proxy.access_lines() if "client_gone" in line]
+    assert len(gone) == 1
+    statuses = [line.split()[6] for line in proxy.access_lines()]
+    assert set(statuses) == {"200"}  # the one that never arrived says so in error=client_gone
+    metrics = await admin_metrics(proxy)
+    total = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith('proxyd_requests_total{method="TRACE"')
+    )
+    assert total == len(statuses)
+    await stream.aclose()

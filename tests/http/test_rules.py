@@ -142,6 +142,7 @@ def test_request_all_rules_together() -> None:
         (b"Cookie", b"a=1"),
         (b"X-Dup", b"2"),
         (b"TE", b"trailers"),
+        (b"Connection", b"TE"),  # RFC 9110 §10.1.4
         OUR_VIA,
     ]
     assert facts.proxy_authorization == b"Basic dXNlcjpwYXNz"
