@@ -25,6 +25,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+# The route vocabulary is a leaf module (stdlib only), so config can validate route lists with it.
+from proxyd.upstream.route import RouteSyntaxError, parse_route_list
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -158,10 +161,17 @@ class _Section(BaseModel):
 
 class AdminConfig(_Section):
     listen: HostPortField | None = HostPort("127.0.0.1", 9180)
+    #: A PAC file served to browsers at GET /proxy.pac (None: not served).
+    proxy_pac: str | None = None
 
 
 class DnsConfig(_Section):
     hosts: dict[str, IPAddressText] = Field(default_factory=dict)
+    cache_size: Annotated[int, Field(ge=0)] = 1000
+    max_concurrent: Annotated[int, Field(gt=0)] = 64
+    ttl: Seconds = 60.0
+    negative_ttl: OptionalSeconds = 5.0
+    timeout: Seconds = 5.0
 
 
 class CacheConfig(_Section):
@@ -220,8 +230,66 @@ class UpstreamTimeouts(_Section):
 
 class UpstreamConfig(_Section):
     timeouts: UpstreamTimeouts = UpstreamTimeouts()
-    keepalive_idle: Seconds = 60.0
-    max_idle_per_origin: Annotated[int, Field(ge=0)] = 64
+
+
+class PoolConfig(_Section):
+    """Chromium's socket pool model (see upstream/pool_state.py)."""
+
+    per_group: Annotated[int, Field(gt=0)] = 6
+    per_proxy: Annotated[int, Field(gt=0)] = 32
+    total: Annotated[int, Field(gt=0)] = 256
+    timeout: Seconds = 30.0
+    idle_unused: Seconds = 10.0
+    idle_used: Seconds = 300.0
+    tunnels_per_host: Annotated[int, Field(gt=0)] = 255
+    drain_bytes: Annotated[int, Field(ge=0)] = 1 << 20
+    drain_timeout: OptionalSeconds = 1.0
+
+
+def _route_list(value: object) -> tuple[str, ...]:
+    """A route list as given ("PROXY a:1; DIRECT" or a list of entries), checked entry by entry."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+        raise ValueError('must be a route list such as ["PROXY proxy:3128", "DIRECT"]')
+    try:
+        parse_route_list(list(items))
+    except RouteSyntaxError as exc:
+        raise ValueError(str(exc)) from None
+    return tuple(items)
+
+
+def _pattern_list(value: object) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) and i for i in items):
+        raise ValueError('must be a list of patterns such as ["*.corp.example", "10.0.0.0/8"]')
+    return tuple(items)
+
+
+RouteListText = Annotated[tuple[str, ...], BeforeValidator(_route_list)]
+Patterns = Annotated[tuple[str, ...], BeforeValidator(_pattern_list)]
+
+
+class RoutingRule(_Section):
+    #: host globs ("*.corp.example"), CIDRs ("10.0.0.0/8"), ":PORT" or "HOST:PORT" patterns
+    match: Patterns
+    route: RouteListText
+
+
+class PacConfig(_Section):
+    url: str | None = None  # a file path or an http(s) URL; setting it selects PAC mode
+    refresh: Seconds = 300.0
+    fallback: Literal["DIRECT", "error"] = "DIRECT"
+    timeout: Seconds = 0.5
+    memory_limit: Annotated[int, Field(ge=1 << 20)] = 32 << 20
+    cache_size: Annotated[int, Field(ge=0)] = 4096
+
+
+class RoutingConfig(_Section):
+    default: RouteListText = ("DIRECT",)
+    rules: tuple[RoutingRule, ...] = ()
+    bypass: Patterns = ()
+    pac: PacConfig = PacConfig()
+    bad_proxy_ttl: Seconds = 300.0
 
 
 class TunnelConfig(_Section):
@@ -250,6 +318,8 @@ class Config(_Section):
     via: ViaConfig = ViaConfig()
     client: ClientConfig = ClientConfig()
     upstream: UpstreamConfig = UpstreamConfig()
+    pool: PoolConfig = PoolConfig()
+    routing: RoutingConfig = RoutingConfig()
     tunnel: TunnelConfig = TunnelConfig()
     access_log: AccessLogConfig = AccessLogConfig()
     log_level: LogLevel = "info"

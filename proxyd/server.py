@@ -54,8 +54,8 @@ class ProxyServer:
         self.config = config
         self.metrics = Metrics()
         self.pool = OriginPool(
-            keepalive_idle=config.upstream.keepalive_idle,
-            max_idle_per_origin=config.upstream.max_idle_per_origin,
+            keepalive_idle=config.pool.idle_used,
+            max_idle_per_origin=config.pool.per_group,
         )
         self._access_log = access_log
         self.proxy_addresses: list[tuple[str, int]] = []

@@ -339,7 +339,7 @@ def test_several_errors_are_all_reported_in_line_order() -> None:
         "upstream:\n"
         "  timeouts:\n"
         "    connect: -1\n"
-        "  keepalive_idle: 0\n"
+        "  bogus_key: 0\n"
         "tunnel:\n"
         "  idle_timeout: -1\n"
         "cache:\n"
@@ -350,7 +350,7 @@ def test_several_errors_are_all_reported_in_line_order() -> None:
     assert [error.split(": ", 2)[:2] for error in errors] == [
         ["x.yaml:3", "listen[1]"],
         ["x.yaml:6", "upstream.timeouts.connect"],
-        ["x.yaml:7", "upstream.keepalive_idle"],
+        ["x.yaml:7", "upstream.bogus_key"],
         ["x.yaml:9", "tunnel.idle_timeout"],
         ["x.yaml:11", "cache.enabled"],
         ["x.yaml:12", "bogus"],

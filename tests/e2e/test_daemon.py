@@ -281,7 +281,7 @@ def test_check_config_with_the_installed_command(tmp_path: Path) -> None:
     )
     assert good.returncode == 0, good.stderr
     bad_path = tmp_path / "bad.yaml"
-    bad_path.write_text("upstream:\n  keepalive_idle: soon\n", "utf-8")
+    bad_path.write_text("pool:\n  idle_used: soon\n", "utf-8")
     bad = subprocess.run(
         [*proxyd_command(), "--check-config", str(bad_path)],
         capture_output=True,
@@ -290,7 +290,7 @@ def test_check_config_with_the_installed_command(tmp_path: Path) -> None:
         check=False,
     )
     assert bad.returncode == 1
-    assert "bad.yaml:2: upstream.keepalive_idle: must be a number of seconds" in bad.stderr
+    assert "bad.yaml:2: pool.idle_used: must be a number of seconds" in bad.stderr
 
 
 # --- signals and drain --------------------------------------------------------------------------
