@@ -153,6 +153,80 @@ class Metrics:
             "Requests retried on a fresh connection after a reused one failed before any byte",
             registry=registry,
         )
+        # --- pools (gauges of current state come from pool stats() at scrape time) ---
+        self.pool_waits = Counter(
+            "proxyd_pool_waits_total",
+            "Requests that had to wait for a pool slot (a limit was reached)",
+            registry=registry,
+        )
+        self.pool_wait_duration = Histogram(
+            "proxyd_pool_wait_seconds",
+            "Time requests waited for a pool slot",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.pool_wait_timeouts = Counter(
+            "proxyd_pool_wait_timeouts_total",
+            "Requests that gave up waiting for a pool slot (503 connection_limit_reached)",
+            registry=registry,
+        )
+        self.pool_closed = Counter(
+            "proxyd_pool_closed_total",
+            "Pooled idle connections closed, by reason (expired, readable, total_limit, drain)",
+            ["reason"],
+            registry=registry,
+        )
+        self.pool_drained = Counter(
+            "proxyd_pool_drained_total",
+            "Responses drained after the client left, by outcome (reused, closed)",
+            ["outcome"],
+            registry=registry,
+        )
+        # --- DNS ---
+        self.dns_lookups = Counter(
+            "proxyd_dns_lookups_total",
+            "Host name lookups, by outcome (hit, miss, negative_hit, override, error, timeout)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.dns_lookup_duration = Histogram(
+            "proxyd_dns_lookup_duration_seconds",
+            "Time of host name lookups that reached the system resolver",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        # --- routing ---
+        self.routing_decisions = Counter(
+            "proxyd_routing_decisions_total",
+            "Routing decisions, by the kind of the first route (direct, http, https, socks5, ...)"
+            " and source (static, pac, fallback)",
+            ["route_kind", "source"],
+            registry=registry,
+        )
+        self.pac_evaluations = Counter(
+            "proxyd_pac_evaluations_total",
+            "PAC FindProxyForURL evaluations, by outcome (ok, cached, error, timeout)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.pac_evaluation_duration = Histogram(
+            "proxyd_pac_evaluation_seconds",
+            "Time of one PAC evaluation (not cached)",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.pac_loads = Counter(
+            "proxyd_pac_loads_total",
+            "PAC script loads and refreshes, by outcome (ok, unchanged, error)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.failovers = Counter(
+            "proxyd_failovers_total",
+            "Times a request moved on to the next route after a hop failed, by failed route kind",
+            ["route_kind"],
+            registry=registry,
+        )
         self.collector = _StatsCollector()
         registry.register(self.collector)
 
