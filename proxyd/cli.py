@@ -13,12 +13,13 @@ import getpass
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
 from proxyd import __version__
 from proxyd.config import ConfigError, load_config
+from proxyd.routing.errors import PacLoadError
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -114,9 +115,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return trio.run(serve_until_signalled, config)
-    except (OSError, BaseExceptionGroup) as exc:
-        # A bind failure (port in use, no permission) arrives wrapped in the nursery's group.
-        os_error = _first_os_error(exc)
+    except (OSError, PacLoadError, BaseExceptionGroup) as exc:
+        # A bind failure (port in use, no permission) or a PAC script that cannot be loaded
+        # arrives wrapped in the nursery's exception group.
+        pac_error = _first_of(exc, PacLoadError)
+        if pac_error is not None:
+            where = f" (line {pac_error.line})" if pac_error.line else ""
+            print(
+                f"proxyd: cannot load the PAC script: {pac_error.message}{where}", file=sys.stderr
+            )
+            return 1
+        os_error = _first_of(exc, OSError)
         if os_error is None:
             raise
         print(f"proxyd: cannot start: {os_error}", file=sys.stderr)
@@ -125,12 +134,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _first_os_error(exc: BaseException) -> OSError | None:
-    if isinstance(exc, OSError):
+_E = TypeVar("_E", bound=BaseException)
+
+
+def _first_of(exc: BaseException, kind: type[_E]) -> _E | None:
+    if isinstance(exc, kind):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            found = _first_os_error(inner)
+            found = _first_of(inner, kind)
             if found is not None:
                 return found
     return None

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, TypeVar
 
 import h11
 import trio
@@ -62,6 +63,10 @@ from proxyd.http.rules import prepare_request, trace_body, via_member
 from proxyd.http.tunnel import TunnelStats, run_tunnel
 from proxyd.observe.accesslog import AccessLog, AccessRecord
 from proxyd.observe.metrics import Metrics
+from proxyd.routing.router import Router
+from proxyd.upstream.route import Route, RouteList, route_kind
+
+_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +88,7 @@ class Services:
     acl: access.ClientAcl
     auth: access.AuthCache | None
     pseudonym: bytes
+    router: Router
     draining: bool = False
     connections: set[ClientConnection] = field(default_factory=set)
     auth_limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(2))
@@ -307,7 +313,14 @@ class ClientConnection:
             )
             if facts.max_forwards == 0:
                 return await self._answer_max_forwards(request, started)
-            await forward(self, request, target, facts, services.relay, stats)
+            routes = await services.router.decide(
+                target.scheme.decode("ascii"), target.host, target.port, url.decode("ascii")
+            )
+
+            async def attempt(route: Route) -> None:
+                await forward(self, request, target, facts, services.relay, stats, route)
+
+            await self._with_failover(routes, attempt, stats)
         except ProxydError as exc:
             if stats.head_sent:  # too late for an error response: cut the connection
                 log.info("c%d: %s", self.conn_id, exc.detail)
@@ -332,7 +345,7 @@ class ClientConnection:
         except ClientGone:
             self._finish(method, url, started, stats, error_type="client_gone")
             raise
-        self._finish(method, url, started, stats)
+        self._finish(method, url, started, stats, route=stats.route)
         return not services.draining
 
     def _finish(
@@ -410,6 +423,34 @@ class ClientConnection:
         auth.remember(header, user_name)
         self.user = user_name
 
+    async def _with_failover(
+        self,
+        routes: RouteList,
+        attempt: Callable[[Route], Awaitable[_T]],
+        stats: ExchangeStats,
+    ) -> _T:
+        """Try each route in order. A proxy that failed as a proxy goes on the bad-proxy list and
+        the next route is tried — only while nothing has reached the client and no request body
+        was consumed (a request is never replayed once it started to flow)."""
+        router = self.services.router
+        metrics = self.services.metrics
+        last = len(routes) - 1
+        for index, route in enumerate(routes):
+            stats.route = route.label
+            try:
+                return await attempt(route)
+            except ProxydError as exc:
+                if not exc.proxy_failure:
+                    raise
+                router.bad_proxies.mark_bad(exc.next_hop or route.label, trio.current_time())
+                if index == last or stats.head_sent or stats.informational or stats.bytes_in:
+                    raise
+                metrics.failovers.labels(route_kind(route)).inc()
+                log.warning(
+                    "c%d: %s; failing over to %s", self.conn_id, exc.detail, routes[index + 1].label
+                )
+        raise AssertionError("unreachable: a route list is never empty")
+
     async def _serve_connect(self, request: h11.Request, started: float) -> bool:
         services = self.services
         config = services.config
@@ -417,8 +458,29 @@ class ClientConnection:
         if not any(low <= target.port <= high for low, high in config.connect.allowed_ports):
             raise DestinationForbidden(f"CONNECT to port {target.port} is not allowed")
         stats = ExchangeStats(upstream=f"{target.host}:{target.port}")
-        upstream = await open_checked(services.relay, target, tls=False)
-        assert isinstance(upstream, trio.SocketStream)
+        scheme = "https" if target.port == 443 else "http"
+        routes = await services.router.decide(
+            scheme, target.host, target.port, f"{scheme}://{target.authority.decode()}/"
+        )
+
+        async def attempt(route: Route) -> trio.abc.Stream:
+            return await open_checked(
+                services.relay, target.host, target.port, route, tls=False, tunnel=True
+            )
+
+        async with services.relay.pool.tunnel_slot(target.host):
+            upstream = await self._with_failover(routes, attempt, stats)
+            return await self._run_connect_tunnel(request, started, upstream, stats)
+
+    async def _run_connect_tunnel(
+        self,
+        request: h11.Request,
+        started: float,
+        upstream: trio.abc.Stream,
+        stats: ExchangeStats,
+    ) -> bool:
+        services = self.services
+        config = services.config
         tunnel_stats = TunnelStats()
         metrics = services.metrics
         metrics.tunnels.inc()
@@ -458,7 +520,7 @@ class ClientConnection:
                 await trio.aclose_forcefully(upstream)
         stats.bytes_in = tunnel_stats.bytes_up
         stats.bytes_out = tunnel_stats.bytes_down
-        self._finish(request.method, request.target, started, stats)
+        self._finish(request.method, request.target, started, stats, route=stats.route)
         return False
 
     async def _answer_max_forwards(self, request: h11.Request, started: float) -> bool:
@@ -546,7 +608,9 @@ class ClientConnection:
             (b"Content-Length", str(len(body)).encode("ascii")),
             (
                 b"Proxy-Status",
-                proxy_status_value(services.pseudonym.decode(), error.error_type, error.detail),
+                proxy_status_value(
+                    services.pseudonym.decode(), error.error_type, error.detail, error.next_hop
+                ),
             ),
             (b"Cache-Control", b"no-store"),
         ]

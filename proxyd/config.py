@@ -25,7 +25,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-# The route vocabulary is a leaf module (stdlib only), so config can validate route lists with it.
+# The route vocabulary and the pattern compiler are leaf modules (stdlib only), so config can
+# validate route lists and patterns with them and report file:line like any other error.
+from proxyd.routing.patterns import PatternError, compile_pattern
 from proxyd.upstream.route import RouteSyntaxError, parse_route_list
 
 __all__ = [
@@ -262,6 +264,14 @@ def _pattern_list(value: object) -> tuple[str, ...]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) and i for i in items):
         raise ValueError('must be a list of patterns such as ["*.corp.example", "10.0.0.0/8"]')
+    problems = []
+    for item in items:
+        try:
+            compile_pattern(item)
+        except PatternError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ValueError("; ".join(problems))
     return tuple(items)
 
 

@@ -17,9 +17,19 @@ class ProxydError(Exception):
     #: Whether the client connection must be closed after the error response.
     close_connection: bool = False
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, *, next_hop: str | None = None, proxy_failure: bool = False):
         super().__init__(detail)
         self.detail = detail
+        #: RFC 9209 §2.1.2 next-hop: the upstream proxy this failure happened at, if any.
+        self.next_hop = next_hop
+        #: The upstream proxy itself failed (unreachable, broken, not speaking its protocol):
+        #: routing puts it on the bad-proxy list and fails over to the next route.
+        self.proxy_failure = proxy_failure
+
+    def at_proxy(self, label: str) -> ProxydError:
+        """The same failure, seen while reaching the proxy ``label`` (a failover trigger)."""
+        error = type(self)(f"proxy {label}: {self.detail}", next_hop=label, proxy_failure=True)
+        return error
 
 
 # --- the client's request is at fault (4xx) ---------------------------------------------------
@@ -162,6 +172,21 @@ class BadResponse(ProxydError):
 class ResponseHeadTooLarge(ProxydError):
     status = 502
     error_type = "http_response_header_section_size"
+
+
+class UpstreamProxyAuthFailed(ProxydError):
+    """An upstream proxy answered 407: our credentials for it are missing or wrong."""
+
+    status = 502
+    error_type = "http_request_denied"
+
+
+class UpstreamProxyRefused(ProxydError):
+    """An upstream proxy could not reach the origin (a non-2xx answer to CONNECT, a SOCKS
+    failure reply): the proxy works, the destination does not."""
+
+    status = 502
+    error_type = "destination_unavailable"
 
 
 class ProxyShuttingDown(ProxydError):

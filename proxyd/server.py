@@ -19,18 +19,23 @@ import ipaddress
 import logging
 import signal
 import socket
+from collections.abc import Iterator
 from typing import Any
 
+import h11
 import trio
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from proxyd.client import ClientConnection, Services
 from proxyd.config import Config, HostPort
 from proxyd.http import access
-from proxyd.http.relay import RelaySettings
+from proxyd.http.relay import GroupKey, RelaySettings, connect_group
 from proxyd.observe.accesslog import AccessLog
 from proxyd.observe.admin import AdminServer
 from proxyd.observe.metrics import Metrics, pool_gauges
-from proxyd.upstream.pool import OriginPool
+from proxyd.routing.router import Router
+from proxyd.upstream.dns import Resolver
+from proxyd.upstream.pool import Pool
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +58,15 @@ class ProxyServer:
     def __init__(self, config: Config, *, access_log: AccessLog | None = None) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.pool = OriginPool(
-            keepalive_idle=config.pool.idle_used,
-            max_idle_per_origin=config.pool.per_group,
+        self.resolver = Resolver(config.dns, metrics=self.metrics)
+        self.relay_settings: RelaySettings | None = None
+        self.pool = Pool(config.pool, connector=self._connect_group, metrics=self.metrics)
+        self.router = Router(
+            config.routing,
+            resolve=self.resolver.resolve,
+            metrics=self.metrics,
+            dns_timeout=config.dns.timeout,
+            dns_ttl=config.dns.ttl,
         )
         self._access_log = access_log
         self.proxy_addresses: list[tuple[str, int]] = []
@@ -97,20 +108,24 @@ class ProxyServer:
         access_log = self._access_log
         if access_log is None and config.access_log.enabled:
             access_log = AccessLog(config.access_log.format, config.access_log.path)
+        self.resolver.install()
+        self.relay_settings = RelaySettings(
+            pool=self.pool,
+            metrics=self.metrics,
+            resolve=self.resolver.resolve,
+            hosts=dict(config.dns.hosts),
+            connect_timeout=config.upstream.timeouts.connect,
+            response_head_timeout=config.upstream.timeouts.response_head,
+            idle_read_timeout=config.upstream.timeouts.idle_read,
+            via_for_version=lambda version: services.via_for_version(version),
+            forbidden_peers=frozenset(forbidden_peers),
+            forbidden_local_ports=frozenset(forbidden_ports),
+        )
         services = Services(
             config=config,
-            relay=RelaySettings(
-                pool=self.pool,
-                metrics=self.metrics,
-                hosts=dict(config.dns.hosts),
-                connect_timeout=config.upstream.timeouts.connect,
-                response_head_timeout=config.upstream.timeouts.response_head,
-                idle_read_timeout=config.upstream.timeouts.idle_read,
-                via_for_version=lambda version: services.via_for_version(version),
-                forbidden_peers=frozenset(forbidden_peers),
-                forbidden_local_ports=frozenset(forbidden_ports),
-            ),
+            relay=self.relay_settings,
             metrics=self.metrics,
+            router=self.router,
             access_log=access_log,
             acl=access.ClientAcl(config.acl.allow_clients),
             auth=access.AuthCache(config.auth.users) if config.auth.users else None,
@@ -118,7 +133,14 @@ class ProxyServer:
         )
         self.services = services
         self.metrics.add_stats_provider(self._pool_metrics)
-        admin = AdminServer(self.metrics.registry, is_ready=lambda: not self.is_draining)
+        self.metrics.add_stats_provider(self.resolver.metric_families)
+        self.metrics.add_stats_provider(self._routing_metrics)
+        admin_routes = {}
+        if config.admin.proxy_pac is not None:
+            admin_routes[b"/proxy.pac"] = self._serve_proxy_pac
+        admin = AdminServer(
+            self.metrics.registry, is_ready=lambda: not self.is_draining, routes=admin_routes
+        )
         slots = trio.Semaphore(config.client.max_connections)
         log.info(
             "proxyd listening on %s, admin on %s",
@@ -127,9 +149,10 @@ class ProxyServer:
         )
         try:
             async with trio.open_nursery() as top:
+                await top.start(self.pool.run)
+                await top.start(self.router.run)  # a bad PAC script fails the start here
                 if admin_listeners:
                     top.start_soon(admin.serve, admin_listeners)
-                top.start_soon(self.pool.reap_forever)
                 async with trio.open_nursery() as connections:
                     async with trio.open_nursery() as accepting:
                         for listener in proxy_listeners:
@@ -149,7 +172,6 @@ class ProxyServer:
             with trio.CancelScope(shield=True):
                 for listener in proxy_listeners + admin_listeners:
                     await trio.aclose_forcefully(listener)
-            self.pool.close_all()
             if access_log is not None and access_log is not self._access_log:
                 access_log.close()
             self._stopped.set()
@@ -223,9 +245,30 @@ class ProxyServer:
         finally:
             slots.release()
 
-    def _pool_metrics(self) -> Any:
-        stats = self.pool.stats()
-        return pool_gauges(stats.idle, stats.origins)
+    async def _connect_group(self, key: GroupKey) -> trio.abc.Stream:
+        assert self.relay_settings is not None
+        return await connect_group(self.relay_settings, key)
+
+    def _pool_metrics(self) -> Iterator[Metric]:
+        return pool_gauges(self.pool.stats())
+
+    def _routing_metrics(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "proxyd_bad_proxies", "Upstream proxies on the bad-proxy list now"
+        )
+        family.add_metric([], self.router.bad_proxies.size(trio.current_time()))
+        yield family
+
+    async def _serve_proxy_pac(self, request: h11.Request) -> tuple[int, bytes, bytes]:
+        """GET /proxy.pac: the configured PAC file, read on each request (edits apply at once)."""
+        path = self.config.admin.proxy_pac
+        assert path is not None
+        try:
+            body = await trio.Path(path).read_bytes()
+        except OSError as exc:
+            log.error("cannot read admin.proxy_pac %s: %s", path, exc)
+            return 503, b"text/plain; charset=utf-8", b"the PAC file cannot be read\n"
+        return 200, b"application/x-ns-proxy-autoconfig", body
 
 
 async def serve_until_signalled(config: Config) -> int:

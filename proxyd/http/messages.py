@@ -190,9 +190,14 @@ def reason_phrase(status: int) -> bytes:
         return b""
 
 
-def proxy_status_value(pseudonym: str, error_type: str, detail: str | None = None) -> bytes:
-    """RFC 9209 §2: ``Proxy-Status: <proxy>; error=<type>; details="..."``."""
+def proxy_status_value(
+    pseudonym: str, error_type: str, detail: str | None = None, next_hop: str | None = None
+) -> bytes:
+    """RFC 9209 §2: ``Proxy-Status: <proxy>; error=<type>; next-hop="..."; details="..."``."""
     value = f"{pseudonym}; error={error_type}"
+    if next_hop:
+        printable_hop = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in next_hop)
+        value += f'; next-hop="{printable_hop}"'
     if detail:
         # RFC 8941 §3.3.3: an sf-string holds printable ASCII only (0x20-0x7E), with \ and "
         # escaped; anything else becomes "?" so no detail can ever break the field.

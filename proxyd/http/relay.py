@@ -26,7 +26,7 @@ when the request has no body, the classic "stale keep-alive" race.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Protocol, cast
 
@@ -42,12 +42,16 @@ from proxyd.errors import (
     ResponseHeadTooLarge,
     ResponseIncomplete,
     ResponseTimeout,
+    UpstreamProxyAuthFailed,
 )
 from proxyd.http.messages import Target
 from proxyd.http.rules import RequestFacts, prepare_response
 from proxyd.observe.metrics import Metrics
-from proxyd.upstream.connect import open_origin_stream
-from proxyd.upstream.pool import OriginPool, UpstreamConnection
+from proxyd.upstream.connect import open_route_stream, proxy_authorization
+from proxyd.upstream.pool import Pool, UpstreamConnection
+from proxyd.upstream.route import DIRECT, Direct, Route, ViaProxy
+
+GroupKey = tuple[bytes, str, int, Route]
 
 RECEIVE_SIZE: Final = 65536
 IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -91,9 +95,11 @@ class ClientSide(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class RelaySettings:
-    pool: OriginPool
+    pool: Pool
     metrics: Metrics
     hosts: Mapping[str, str]
+    #: proxyd's resolver (cached); used for socks5:// routes that resolve locally.
+    resolve: Callable[[str], Awaitable[list[str]]] | None
     connect_timeout: float
     response_head_timeout: float
     idle_read_timeout: float
@@ -116,6 +122,10 @@ class ExchangeStats:
     upstream: str = "-"
     first_byte_at: float = 0.0
     head_sent: bool = False
+    #: The upstream proxy label when the route goes through one.
+    proxy: str | None = None
+    #: The route taken (access log), DIRECT or a proxy label.
+    route: str = "DIRECT"
     #: A stale reused socket may be retried: no body, and an idempotent method (RFC 9110 §9.2.2,
     #: RFC 9112 §9.3.1: a proxy must not retry a non-idempotent request on its own).
     retryable: bool = False
@@ -142,27 +152,41 @@ def _is_forbidden_peer(stream: trio.abc.Stream, settings: RelaySettings) -> bool
     return False
 
 
-async def open_checked(settings: RelaySettings, target: Target, *, tls: bool) -> trio.abc.Stream:
-    """Connect to the target, refusing the proxy's own admin listener (whatever name led there)."""
+TLS_SCHEMES: Final = frozenset({b"https", b"wss"})
+
+
+async def open_checked(
+    settings: RelaySettings, host: str, port: int, route: Route, *, tls: bool, tunnel: bool
+) -> trio.abc.Stream:
+    """Connect over ``route``, refusing the proxy's own admin listener (whatever name led there)."""
     metrics = settings.metrics
     started = trio.current_time()
     try:
-        stream = await open_origin_stream(
-            target.host,
-            target.port,
+        stream = await open_route_stream(
+            route,
+            host,
+            port,
+            tls=tls,
+            tunnel=tunnel,
             hosts=settings.hosts,
             timeout=settings.connect_timeout,
-            tls=tls,
+            resolve=settings.resolve,
         )
     except ProxydError as exc:
         metrics.observe_connect_failure(exc.error_type)
         raise
-    if _is_forbidden_peer(stream, settings):
+    if isinstance(route, Direct) and _is_forbidden_peer(stream, settings):
         await trio.aclose_forcefully(stream)
         raise DestinationForbidden("the proxy's admin listener is not reachable through the proxy")
     metrics.connects_ok.inc()
     metrics.upstream_connect_duration.observe(trio.current_time() - started)
     return stream
+
+
+async def connect_group(settings: RelaySettings, key: GroupKey) -> trio.abc.Stream:
+    """The pool's connector: a new socket for the group (scheme, host, port, route)."""
+    scheme, host, port, route = key
+    return await open_checked(settings, host, port, route, tls=scheme in TLS_SCHEMES, tunnel=False)
 
 
 async def forward(
@@ -172,12 +196,21 @@ async def forward(
     facts: RequestFacts,
     settings: RelaySettings,
     stats: ExchangeStats,
+    route: Route = DIRECT,
 ) -> None:
-    """Relay one exchange; see the module docstring. Leaves ``client.h11`` after the response."""
+    """Relay one exchange over ``route``; see the module docstring."""
     pool = settings.pool
-    origin = target.origin_key
+    key: GroupKey = (target.scheme, target.host, target.port, route)
     stats.upstream = f"{target.host}:{target.port}"
-    headers = facts.headers
+    headers = list(facts.headers)
+    proxy = route.proxy if isinstance(route, ViaProxy) else None
+    absolute = proxy is not None and proxy.kind in ("http", "https") and target.scheme == b"http"
+    if proxy is not None:
+        stats.proxy = proxy.label
+        if absolute:
+            credentials = proxy_authorization(proxy)
+            if credentials is not None:  # for that proxy only (RFC 9110 §11.7.2)
+                headers.append((b"Proxy-Authorization", credentials))
     if facts.has_transfer_encoding:
         # Framing is per hop (RFC 9112 §6.1): the client's chunked body is re-chunked by h11 on
         # the upstream hop, which must say so (h11 never adds request framing by itself).
@@ -187,16 +220,17 @@ async def forward(
     path = target.path
     if not target.has_path and request.method == b"OPTIONS":
         path = b"*"  # RFC 9112 §3.2.4: OPTIONS http://host forwards as OPTIONS *
+    elif absolute:
+        path = b"http://" + target.authority + path  # RFC 9112 §3.2.2: absolute form to a proxy
     up_request = h11.Request(method=request.method, target=path, headers=headers, _parsed=True)
     cc = client.h11
     trailers = facts.accepts_trailers
     first = cc.next_event()
     has_body = type(first) is not _EndOfMessage
-    conn = pool.take_idle(origin, trio.current_time())
-    stats.reused = conn is not None
+    label = proxy.label if proxy is not None else None
+    conn = await pool.acquire(key, label)
+    stats.reused = conn.requests > 0
     stats.retryable = stats.reused and not has_body and request.method in IDEMPOTENT_METHODS
-    if conn is None:
-        conn = await _connect(settings, target)
     try:
         if has_body:
             await _forward_with_body(client, conn, up_request, first, settings, stats, trailers)
@@ -204,20 +238,47 @@ async def forward(
             try:
                 await _forward_without_body(client, conn, up_request, settings, stats, trailers)
             except _StaleConnection:
-                conn.close_now()
+                pool.release(conn, reusable=False)
                 settings.metrics.upstream_retries.inc()
-                conn = await _connect(settings, target)
+                conn = await pool.acquire(key, label, fresh=True)
                 stats.reused = stats.retryable = False
                 await _forward_without_body(client, conn, up_request, settings, stats, trailers)
-    except BaseException:
-        conn.close_now()
+    except ClientGone:
+        await _drain_then_release(conn, settings)
         raise
-    pool.release(conn, trio.current_time())
+    except BaseException:
+        pool.release(conn, reusable=False)
+        raise
+    pool.release(conn, reusable=True)
 
 
-async def _connect(settings: RelaySettings, target: Target) -> UpstreamConnection:
-    stream = await open_checked(settings, target, tls=target.scheme in (b"https", b"wss"))
-    return UpstreamConnection(stream, target.origin_key, trio.current_time())
+async def _drain_then_release(conn: UpstreamConnection, settings: RelaySettings) -> None:
+    """The client left mid-response: read the rest of the body (bounded by pool.drain_bytes and
+    pool.drain_timeout) so the socket can serve the next request; otherwise close it."""
+    pool = settings.pool
+    uc = conn.h11
+    budget = pool.config.drain_bytes
+    outcome = "closed"
+    if uc.our_state is h11.DONE and uc.their_state is h11.DONE:
+        outcome = "reused"  # the whole response had arrived; only the client missed the end
+    elif uc.our_state is h11.DONE and uc.their_state is h11.SEND_BODY and budget > 0:
+        with trio.move_on_after(pool.config.drain_timeout):
+            try:
+                while budget > 0:
+                    event = uc.next_event()
+                    if event is _NEED_DATA:
+                        data = bytes(await conn.stream.receive_some(RECEIVE_SIZE))
+                        uc.receive_data(data)
+                        budget -= len(data) or budget
+                    elif type(event) is _EndOfMessage:
+                        outcome = "reused"
+                        break
+                    elif type(event) is not _Data:
+                        break
+            except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+    settings.metrics.pool_drained.labels(outcome).inc()
+    pool.release(conn, reusable=outcome == "reused")
 
 
 async def _forward_without_body(
@@ -435,6 +496,11 @@ async def _relay_response(
     headers = prepare_response(
         response.headers.raw_items(), via=settings.via_for_version(response.http_version)
     )
+    if response.status_code == 407 and stats.proxy is not None:
+        # RFC 9110 §15.5.8: a 407 is meant for us, from the proxy we chose, not for the client.
+        raise UpstreamProxyAuthFailed(
+            f"upstream proxy {stats.proxy} wants authentication (407)", next_hop=stats.proxy
+        )
     stats.status = response.status_code
     if client.is_closing():
         headers.append((b"Connection", b"close"))  # h11 then ends the connection after it

@@ -30,7 +30,7 @@ class TunnelStats:
 
 async def run_tunnel(
     client: trio.SocketStream,
-    upstream: trio.abc.HalfCloseableStream,
+    upstream: trio.abc.Stream,
     *,
     idle_timeout: float,
     stats: TunnelStats,
@@ -42,14 +42,15 @@ async def run_tunnel(
     if idle is not None:
         scope.deadline = trio.current_time() + idle
 
-    async def pump(
-        source: trio.abc.ReceiveStream, sink: trio.abc.HalfCloseableStream, upward: bool
-    ) -> None:
+    async def pump(source: trio.abc.ReceiveStream, sink: trio.abc.Stream, upward: bool) -> None:
         try:
             while True:
                 data = await source.receive_some(TUNNEL_CHUNK)
                 if not data:
-                    await sink.send_eof()
+                    if isinstance(sink, trio.abc.HalfCloseableStream):
+                        await sink.send_eof()
+                    # (TLS to an HTTPS proxy cannot half-close: the other direction goes on, and
+                    # the tunnel ends when it does.)
                     return
                 if idle is not None:
                     scope.deadline = trio.current_time() + idle

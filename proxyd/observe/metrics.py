@@ -11,8 +11,8 @@ at scrape time through a custom collector, so nothing on the hot path updates th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Final
+from collections.abc import Callable, Iterator, Sequence
+from typing import Final, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -268,15 +268,68 @@ class Metrics:
         self.collector.providers.append(provider)
 
 
-def pool_gauges(idle: int, origins: int) -> Iterator[Metric]:
-    """Scrape-time gauges for the keep-alive pool (see upstream.pool.PoolStats)."""
-    family = GaugeMetricFamily(
-        "proxyd_upstream_idle_connections", "Idle keep-alive upstream connections held now"
+def pool_gauges(stats: PoolStatsView) -> Iterator[Metric]:
+    """Scrape-time gauges for the socket pools (see upstream.pool.Pool.stats)."""
+    connections = GaugeMetricFamily(
+        "proxyd_pool_connections",
+        "Upstream connections by route kind (direct or proxy protocol) and state",
+        labels=["route_kind", "state"],
     )
-    family.add_metric([], idle)
-    yield family
-    family = GaugeMetricFamily(
-        "proxyd_upstream_idle_origins", "Origins with at least one idle upstream connection"
+    waiting = GaugeMetricFamily(
+        "proxyd_pool_waiting", "Requests waiting for an upstream connection", labels=["route_kind"]
     )
-    family.add_metric([], origins)
+    totals: dict[tuple[str, str], int] = {}
+    waits: dict[str, int] = {}
+    for group in stats.groups:
+        kind = group.route_kind
+        for state, value in (
+            ("active", group.active),
+            ("idle", group.idle),
+            ("connecting", group.connecting),
+        ):
+            totals[(kind, state)] = totals.get((kind, state), 0) + value
+        waits[kind] = waits.get(kind, 0) + group.waiting
+    for (kind, state), value in sorted(totals.items()):
+        connections.add_metric([kind, state], value)
+    for kind, value in sorted(waits.items()):
+        waiting.add_metric([kind], value)
+    yield connections
+    yield waiting
+    groups = GaugeMetricFamily("proxyd_pool_groups", "Socket pool groups in use now")
+    groups.add_metric([], len(stats.groups))
+    yield groups
+    tunnels = GaugeMetricFamily(
+        "proxyd_pool_tunnels", "CONNECT tunnels and WebSocket sessions holding a per-host slot"
+    )
+    tunnels.add_metric([], stats.tunnels)
+    yield tunnels
+
+
+class GroupView(Protocol):
+    @property
+    def route_kind(self) -> str: ...
+    @property
+    def active(self) -> int: ...
+    @property
+    def idle(self) -> int: ...
+    @property
+    def connecting(self) -> int: ...
+    @property
+    def waiting(self) -> int: ...
+
+
+class PoolStatsView(Protocol):
+    @property
+    def groups(self) -> Sequence[GroupView]: ...
+
+    @property
+    def tunnels(self) -> int: ...
+
+
+def dns_gauges(entries: int) -> Iterator[Metric]:
+    """Scrape-time gauges for the resolver cache (see upstream.dns.Resolver.stats)."""
+    family = GaugeMetricFamily(
+        "proxyd_dns_cache_entries", "Host names in the DNS cache now (answers and failures)"
+    )
+    family.add_metric([], entries)
     yield family

@@ -9,20 +9,30 @@ and sets TCP_NODELAY; the resolver cache and the concurrency cap arrive with the
 
 from __future__ import annotations
 
+import base64
 import errno
+import ipaddress
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
+import h11
 import trio
+from socksio import ProtocolError as SocksProtocolError
+from socksio import socks4, socks5
 
 from proxyd.errors import (
     ConnectionRefused,
     ConnectionTimeout,
     DestinationUnavailable,
     DnsError,
+    DnsTimeout,
+    ProxydError,
     TlsError,
+    UpstreamProxyAuthFailed,
+    UpstreamProxyRefused,
 )
+from proxyd.upstream.route import Direct, ProxyServer, Route
 
 HAPPY_EYEBALLS_DELAY = 0.25  # RFC 8305 §5: "Connection Attempt Delay", recommended 250 ms
 
@@ -84,8 +94,243 @@ async def open_origin_stream(
     except trio.TooSlowError:
         raise ConnectionTimeout(f"connecting to {shown} took longer than {timeout:g}s") from None
     except OSError as exc:
+        if isinstance(exc.__cause__, (DnsError, DnsTimeout)):
+            raise exc.__cause__ from None  # proxyd's resolver said it (dns_timeout stays 504)
         if isinstance(exc, socket.gaierror):
             raise DnsError(f"cannot resolve {host}: {exc.strerror}") from None
         if _refused(exc):
             raise ConnectionRefused(f"{shown} refused the connection") from None
         raise DestinationUnavailable(f"cannot connect to {shown}: {exc}") from None
+
+
+# --- through upstream proxies -----------------------------------------------------------------
+
+_CONNECT_HEAD_LIMIT = 65536
+
+
+def _basic(proxy: ProxyServer) -> bytes | None:
+    if proxy.username is None:
+        return None
+    token = f"{proxy.username}:{proxy.password or ''}".encode()
+    return b"Basic " + base64.b64encode(token)
+
+
+def proxy_authorization(proxy: ProxyServer) -> bytes | None:
+    """``Proxy-Authorization`` for requests sent in absolute form to an HTTP proxy."""
+    return _basic(proxy)
+
+
+async def _open_proxy_socket(
+    proxy: ProxyServer, *, hosts: Mapping[str, str], timeout: float
+) -> trio.abc.Stream:
+    """TCP (and TLS for an HTTPS proxy) to the proxy itself; failures are proxy failures."""
+    try:
+        return await open_origin_stream(
+            proxy.host, proxy.port, hosts=hosts, timeout=timeout, tls=proxy.kind == "https"
+        )
+    except ProxydError as exc:
+        raise exc.at_proxy(proxy.label) from None
+
+
+async def _http_connect(
+    stream: trio.abc.Stream, proxy: ProxyServer, host: str, port: int, timeout: float
+) -> None:
+    """RFC 9110 §9.3.6 CONNECT through an HTTP proxy; returns once the tunnel is open."""
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    head = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
+    credentials = _basic(proxy)
+    if credentials is not None:
+        head.append("Proxy-Authorization: " + credentials.decode())
+    request = ("\r\n".join(head) + "\r\n\r\n").encode()
+    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=_CONNECT_HEAD_LIMIT)
+    try:
+        with trio.fail_after(timeout):
+            await stream.send_all(request)
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        raise ConnectionRefused("closed the connection during CONNECT")
+                    conn.receive_data(bytes(data))
+                    continue
+                if isinstance(event, h11.InformationalResponse):
+                    continue
+                break
+    except trio.TooSlowError:
+        raise ConnectionTimeout(f"no answer to CONNECT within {timeout:g}s").at_proxy(
+            proxy.label
+        ) from None
+    except (h11.RemoteProtocolError, trio.BrokenResourceError, ProxydError) as exc:
+        detail = exc.detail if isinstance(exc, ProxydError) else str(exc)
+        raise ConnectionRefused(f"not a working HTTP proxy: {detail}").at_proxy(
+            proxy.label
+        ) from None
+    if not isinstance(event, h11.Response):
+        raise ConnectionRefused("no response to CONNECT").at_proxy(proxy.label)
+    if event.status_code == 407:
+        raise UpstreamProxyAuthFailed(
+            f"proxy {proxy.label} wants authentication (407)", next_hop=proxy.label
+        )
+    if not 200 <= event.status_code < 300:
+        raise UpstreamProxyRefused(
+            f"proxy {proxy.label} answered CONNECT {authority} with {event.status_code}",
+            next_hop=proxy.label,
+        )
+
+
+_SOCKS5_ERRORS = {
+    socks5.SOCKS5ReplyCode.CONNECTION_REFUSED: (ConnectionRefused, "refused the connection"),
+    socks5.SOCKS5ReplyCode.TTL_EXPIRED: (ConnectionTimeout, "timed out (TTL expired)"),
+    socks5.SOCKS5ReplyCode.HOST_UNREACHABLE: (DestinationUnavailable, "host unreachable"),
+    socks5.SOCKS5ReplyCode.NETWORK_UNREACHABLE: (DestinationUnavailable, "network unreachable"),
+}
+
+
+async def _receive(stream: trio.abc.Stream) -> bytes:
+    data = await stream.receive_some(1024)
+    if not data:
+        raise trio.BrokenResourceError("the proxy closed the connection")
+    return bytes(data)
+
+
+async def _socks_connect(
+    stream: trio.abc.Stream,
+    proxy: ProxyServer,
+    host: str,
+    port: int,
+    timeout: float,
+    resolve: Callable[[str], Awaitable[list[str]]] | None,
+) -> None:
+    """SOCKS5 (RFC 1928, RFC 1929 credentials) or SOCKS4/4a through socksio's state machines."""
+    address = host
+    if not proxy.remote_dns and resolve is not None and not _is_ip(host):
+        address = (await resolve(host))[0]  # socks5:// / socks4:// resolve locally
+    try:
+        with trio.fail_after(timeout):
+            if proxy.kind == "socks4":
+                await _socks4(stream, proxy, address, port)
+            else:
+                await _socks5(stream, proxy, address, port)
+    except trio.TooSlowError:
+        raise ConnectionTimeout(f"no SOCKS answer within {timeout:g}s").at_proxy(
+            proxy.label
+        ) from None
+    except (SocksProtocolError, trio.BrokenResourceError, ValueError) as exc:
+        raise ConnectionRefused(f"not a working SOCKS proxy: {exc}").at_proxy(proxy.label) from None
+
+
+async def _socks5(stream: trio.abc.Stream, proxy: ProxyServer, address: str, port: int) -> None:
+    conn = socks5.SOCKS5Connection()
+    method = (
+        socks5.SOCKS5AuthMethod.USERNAME_PASSWORD
+        if proxy.username is not None
+        else socks5.SOCKS5AuthMethod.NO_AUTH_REQUIRED
+    )
+    conn.send(socks5.SOCKS5AuthMethodsRequest([method]))
+    await stream.send_all(conn.data_to_send())
+    reply = conn.receive_data(await _receive(stream))
+    if not isinstance(reply, socks5.SOCKS5AuthReply) or reply.method != method:
+        raise UpstreamProxyAuthFailed(
+            f"proxy {proxy.label} refused our SOCKS5 authentication method", next_hop=proxy.label
+        )
+    if method == socks5.SOCKS5AuthMethod.USERNAME_PASSWORD:
+        conn.send(
+            socks5.SOCKS5UsernamePasswordRequest(
+                (proxy.username or "").encode(), (proxy.password or "").encode()
+            )
+        )
+        await stream.send_all(conn.data_to_send())
+        auth = conn.receive_data(await _receive(stream))
+        if not isinstance(auth, socks5.SOCKS5UsernamePasswordReply) or not auth.success:
+            raise UpstreamProxyAuthFailed(
+                f"proxy {proxy.label} rejected our SOCKS5 credentials", next_hop=proxy.label
+            )
+    conn.send(
+        socks5.SOCKS5CommandRequest.from_address(socks5.SOCKS5Command.CONNECT, (address, port))
+    )
+    await stream.send_all(conn.data_to_send())
+    answer = conn.receive_data(await _receive(stream))
+    if not isinstance(answer, socks5.SOCKS5Reply):
+        raise ValueError(f"unexpected SOCKS5 message {answer!r}")
+    if answer.reply_code != socks5.SOCKS5ReplyCode.SUCCEEDED:
+        kind, text = _SOCKS5_ERRORS.get(
+            answer.reply_code, (UpstreamProxyRefused, answer.reply_code.name.lower())
+        )
+        raise kind(f"proxy {proxy.label}: {address}:{port} {text}", next_hop=proxy.label)
+
+
+async def _socks4(stream: trio.abc.Stream, proxy: ProxyServer, address: str, port: int) -> None:
+    user_id = (proxy.username or "").encode()
+    conn = socks4.SOCKS4Connection(user_id=user_id)
+    if _is_ip(address):
+        conn.send(socks4.SOCKS4Request.from_address(socks4.SOCKS4Command.CONNECT, (address, port)))
+    else:
+        conn.send(socks4.SOCKS4ARequest.from_address(socks4.SOCKS4Command.CONNECT, (address, port)))
+    await stream.send_all(conn.data_to_send())
+    answer = conn.receive_data(await _receive(stream))
+    if answer.reply_code != socks4.SOCKS4ReplyCode.REQUEST_GRANTED:
+        raise UpstreamProxyRefused(
+            f"proxy {proxy.label}: {address}:{port} {answer.reply_code.name.lower()}",
+            next_hop=proxy.label,
+        )
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def open_route_stream(
+    route: Route,
+    host: str,
+    port: int,
+    *,
+    tls: bool,
+    tunnel: bool,
+    hosts: Mapping[str, str],
+    timeout: float,
+    resolve: Callable[[str], Awaitable[list[str]]] | None = None,
+) -> trio.abc.Stream:
+    """A stream that reaches ``host:port`` over ``route``.
+
+    ``tunnel``: the caller needs raw bytes to the origin (CONNECT, WebSocket, https). Without it,
+    plain http through an HTTP proxy is a connection *to the proxy*, which then takes requests in
+    absolute form. ``tls``: wrap the end-to-end stream in TLS to the origin (https).
+    """
+    if isinstance(route, Direct):
+        return await open_origin_stream(host, port, hosts=hosts, timeout=timeout, tls=tls)
+    proxy = route.proxy
+    stream = await _open_proxy_socket(proxy, hosts=hosts, timeout=timeout)
+    try:
+        if proxy.kind in ("http", "https"):
+            if not tunnel and not tls:
+                return stream
+            await _http_connect(stream, proxy, host, port, timeout)
+        else:
+            await _socks_connect(stream, proxy, host, port, timeout, resolve)
+        if tls:
+            return await _start_tls(stream, host, timeout)
+        return stream
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+
+
+async def _start_tls(stream: trio.abc.Stream, host: str, timeout: float) -> trio.abc.Stream:
+    tls_stream = trio.SSLStream(
+        stream, _default_tls_context(), server_hostname=host, https_compatible=True
+    )
+    try:
+        with trio.fail_after(timeout):
+            await tls_stream.do_handshake()
+    except trio.TooSlowError:
+        raise ConnectionTimeout(
+            f"TLS handshake with {host} took longer than {timeout:g}s"
+        ) from None
+    except (trio.BrokenResourceError, ssl.SSLError) as exc:
+        raise TlsError(f"TLS handshake with {host} failed: {exc}") from exc
+    return tls_stream

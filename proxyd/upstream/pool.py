@@ -1,47 +1,75 @@
-"""Keep-alive upstream connections: idle sockets per origin, reused by the next request.
+"""Upstream socket pools: the trio shell around ``pool_state.PoolState``.
 
-How it works: after a response completes cleanly on both sides (h11 DONE/DONE), the relay hands the
-connection back with ``release``; it waits, most recently used first, in a per-origin list. The
-next request to that origin takes it with ``take_idle``, which skips and closes any socket that
-expired (``upstream.keepalive_idle``) or turned readable while idle: an idle HTTP/1.1 connection
-has nothing to say, so readable means the origin closed it or sent junk, and reusing it would
-produce a spurious error. A reaper task (``reap_forever``) closes expired sockets in the background.
+How it works: ``acquire(key)`` registers a waiter and asks the pure state for a plan; ``_apply``
+carries the plan out with no await in between: grants wake waiters, connects start as tasks in the
+pool's own nursery (so a connect outlives the request that triggered it and, if nobody wants its
+socket any more, the socket simply goes idle), closes close sockets. The waiter then sleeps until
+it is granted a socket, gets a connect error, or ``pool.timeout`` passes (503
+``connection_limit_reached``). A granted socket that sat idle is checked once more: an idle
+HTTP/1.1 connection has nothing to say, so a readable one was closed by the origin (or sent junk)
+and is discarded instead of handed out — the request asks again.
 
-This is deliberately a small pool (``upstream.max_idle_per_origin`` idle sockets kept per origin,
-no limits on active ones): the limited per-group / per-proxy / global pools with waiters arrive in
-their own issue with a pure ``pool_state`` module.
+``release(conn, reusable)`` is synchronous: the exchange knows whether HTTP allows reuse (h11 states
+DONE/DONE, nothing broken), and the state either hands the socket straight to the oldest waiter of
+its group (late binding) or keeps it idle. A reaper task expires idle sockets every second.
+
+CONNECT tunnels and WebSocket sessions are not pooled: ``tunnel_slot(host)`` bounds them per host
+(``pool.tunnels_per_host``, Chromium's 255 for WebSockets), apart from the HTTP limits.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import select
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass
+from typing import Any
 
 import h11
 import trio
 
-OriginKey = tuple[bytes, str, int]
+from proxyd.config import PoolConfig
+from proxyd.errors import ConnectionLimitReached, DestinationUnavailable, ProxydError
+from proxyd.observe.metrics import Metrics
+from proxyd.upstream.pool_state import GroupStats, Limits, Plan, PoolState
+from proxyd.upstream.route import Direct, ViaProxy, route_kind
+
+GroupKey = Hashable
+Connector = Callable[[Any], Awaitable[trio.abc.Stream]]
 
 
 class UpstreamConnection:
-    """One socket to an origin and the h11 client-role state that speaks over it."""
+    """One socket to an origin (or a proxy) and the h11 client-role state that speaks over it."""
 
-    __slots__ = ("broken", "created_at", "h11", "idle_since", "origin", "requests", "stream")
+    __slots__ = (
+        "broken",
+        "created_at",
+        "h11",
+        "idle_since",
+        "key",
+        "requests",
+        "socket_id",
+        "stream",
+        "was_idle",
+    )
 
-    def __init__(self, stream: trio.abc.Stream, origin: OriginKey, now: float) -> None:
+    def __init__(self, stream: trio.abc.Stream, key: GroupKey, socket_id: int, now: float) -> None:
         self.stream = stream
-        self.origin = origin
+        self.key = key
+        self.socket_id = socket_id
         self.h11 = h11.Connection(h11.CLIENT)
         self.created_at = now
         self.idle_since = now
         self.requests = 0
         #: Set when a write failed mid-exchange: whatever h11 believes, never reuse it.
         self.broken = False
+        #: The socket waited in the idle list (so it must be checked before use).
+        self.was_idle = False
 
     def _socket(self) -> trio.socket.SocketType:
         stream = self.stream
-        if isinstance(stream, trio.SSLStream):
+        while isinstance(stream, trio.SSLStream):
             stream = stream.transport_stream
         assert isinstance(stream, trio.SocketStream)
         return stream.socket
@@ -63,88 +91,279 @@ class UpstreamConnection:
             self._socket().close()
 
 
+@dataclass(slots=True)
+class _Waiter:
+    event: trio.Event
+    conn: UpstreamConnection | None = None
+    error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.conn is not None or self.error is not None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSnapshot:
+    """One pool group as the status page and metrics see it (no credentials, no secrets)."""
+
+    name: str  # "http://host:port via DIRECT"
+    route_kind: str
+    active: int
+    idle: int
+    connecting: int
+    waiting: int
+
+
 @dataclass(frozen=True, slots=True)
 class PoolStats:
-    idle: int
-    origins: int
-    reused: int
-    expired: int
-    discarded_readable: int
+    groups: list[GroupSnapshot]
+    total: int
+    tunnels: int
 
 
-class OriginPool:
-    def __init__(self, *, keepalive_idle: float, max_idle_per_origin: int) -> None:
-        self._idle: dict[OriginKey, list[UpstreamConnection]] = {}
-        self._keepalive_idle = keepalive_idle
-        self._max_idle = max_idle_per_origin
-        self._reused = 0
-        self._expired = 0
-        self._discarded_readable = 0
+def _snapshot(group: GroupStats) -> GroupSnapshot:
+    key = group.key
+    if isinstance(key, tuple) and len(key) == 4:
+        scheme, host, port, route = key
+        scheme_text = scheme.decode() if isinstance(scheme, bytes) else str(scheme)
+        name = f"{scheme_text}://{host}:{port} via {getattr(route, 'label', route)}"
+        kind = route_kind(route) if isinstance(route, (Direct, ViaProxy)) else "direct"
+    else:
+        name, kind = str(key), "direct"
+    return GroupSnapshot(name, kind, group.active, group.idle, group.connecting, group.waiting)
 
-    def take_idle(self, origin: OriginKey, now: float) -> UpstreamConnection | None:
-        idle = self._idle.get(origin)
-        while idle:
-            conn = idle.pop()
-            if now - conn.idle_since >= self._keepalive_idle:
-                self._expired += 1
-                conn.close_now()
-                continue
-            if conn.is_readable():
-                self._discarded_readable += 1
-                conn.close_now()
-                continue
-            self._reused += 1
-            return conn
-        return None
 
-    def release(self, conn: UpstreamConnection, now: float) -> None:
-        """Hand back a connection whose exchange finished cleanly; close it if it can't idle."""
-        state = conn.h11
-        if conn.broken or state.our_state is not h11.DONE or state.their_state is not h11.DONE:
-            conn.close_now()
-            return
-        state.start_next_cycle()
-        idle = self._idle.setdefault(conn.origin, [])
-        if len(idle) >= self._max_idle:
-            conn.close_now()
-            return
-        conn.idle_since = now
-        idle.append(conn)
+class Pool:
+    def __init__(
+        self,
+        config: PoolConfig,
+        *,
+        connector: Connector,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        self.config = config
+        self.state = PoolState(
+            Limits(
+                per_group=config.per_group,
+                per_proxy=config.per_proxy,
+                total=config.total,
+                idle_unused=config.idle_unused,
+                idle_used=config.idle_used,
+            )
+        )
+        self._connector = connector
+        self._metrics = metrics
+        self._clock = clock
+        self._conns: dict[int, UpstreamConnection] = {}
+        self._waiters: dict[int, _Waiter] = {}
+        self._ids = itertools.count(1)
+        self._nursery: trio.Nursery | None = None
+        self._tunnels: dict[str, trio.CapacityLimiter] = {}
 
-    def reap(self, now: float) -> int:
-        """Close idle sockets past their keep-alive time; returns how many."""
-        closed = 0
-        for origin in list(self._idle):
-            keep = []
-            for conn in self._idle[origin]:
-                if now - conn.idle_since >= self._keepalive_idle:
-                    conn.close_now()
-                    closed += 1
-                else:
-                    keep.append(conn)
-            if keep:
-                self._idle[origin] = keep
-            else:
-                del self._idle[origin]
-        self._expired += closed
-        return closed
+    # --- lifecycle -------------------------------------------------------------------------
 
-    async def reap_forever(self, interval: float = 1.0) -> None:
-        while True:
-            await trio.sleep(interval)
-            self.reap(trio.current_time())
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the connect tasks and the idle reaper; runs until cancelled."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                while True:
+                    await trio.sleep(1.0)
+                    self._apply(self.state.expire(self._clock()))
+        finally:
+            self._nursery = None
+            self.close_all()
 
     def close_all(self) -> None:
-        for idle in self._idle.values():
-            for conn in idle:
+        self._apply(self.state.close_all_idle())
+        for conn in list(self._conns.values()):
+            conn.close_now()
+        self._conns.clear()
+
+    # --- acquiring and releasing -----------------------------------------------------------
+
+    async def acquire(
+        self, key: GroupKey, proxy: str | None, *, fresh: bool = False
+    ) -> UpstreamConnection:
+        """A socket of ``key`` (``proxy``: the label it counts against), reused or new."""
+        while True:
+            conn = await self._acquire_once(key, proxy, fresh)
+            if conn.was_idle and conn.is_readable():
+                # The origin closed it while it idled: discard, and ask again.
                 conn.close_now()
-        self._idle.clear()
+                self._conns.pop(conn.socket_id, None)
+                if self._metrics is not None:
+                    self._metrics.pool_closed.labels("readable").inc()
+                self._apply(self.state.discard_idle(key, conn.socket_id, self._clock()))
+                continue
+            conn.was_idle = False
+            return conn
+
+    async def _acquire_once(
+        self, key: GroupKey, proxy: str | None, fresh: bool
+    ) -> UpstreamConnection:
+        waiter_id = next(self._ids)
+        waiter = _Waiter(trio.Event())
+        self._waiters[waiter_id] = waiter
+        try:
+            plan = self.state.request(key, proxy, waiter_id, self._clock(), fresh=fresh)
+            limited = not waiter.done and not plan.connects
+            self._apply(plan)
+            if not waiter.done:
+                metrics = self._metrics
+                started = self._clock()
+                if limited and metrics is not None:
+                    metrics.pool_waits.inc()
+                with trio.move_on_after(self.config.timeout):
+                    await waiter.event.wait()
+                if limited and metrics is not None:
+                    metrics.pool_wait_duration.observe(self._clock() - started)
+                if not waiter.done:
+                    if metrics is not None:
+                        metrics.pool_wait_timeouts.inc()
+                    raise ConnectionLimitReached(
+                        f"no upstream connection became available within {self.config.timeout:g}s"
+                    )
+        except BaseException:
+            # Cancelled (the client left) or timed out after all: a socket granted in the
+            # meantime goes back untouched, or its slot would leak.
+            if waiter.conn is not None:
+                self._return_unused(waiter.conn)
+            raise
+        finally:
+            del self._waiters[waiter_id]
+            if not waiter.done:
+                self._apply(self.state.cancel(key, waiter_id))
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.conn is not None
+        return waiter.conn
+
+    def release(self, conn: UpstreamConnection, *, reusable: bool) -> None:
+        """The exchange is over. Reusable only when HTTP allows it and nothing broke."""
+        if conn.socket_id not in self._conns:
+            conn.close_now()  # the pool was closed meanwhile
+            return
+        state = conn.h11
+        reusable = (
+            reusable
+            and not conn.broken
+            and state.our_state is h11.DONE
+            and state.their_state is h11.DONE
+        )
+        now = self._clock()
+        if reusable:
+            state.start_next_cycle()
+        else:
+            conn.close_now()
+            del self._conns[conn.socket_id]
+        self._settle(conn, self.state.release(conn.key, conn.socket_id, reusable, now), now)
+
+    def _return_unused(self, conn: UpstreamConnection) -> None:
+        """A socket granted to a request that vanished before using it: back to the pool."""
+        now = self._clock()
+        self._settle(conn, self.state.release(conn.key, conn.socket_id, True, now), now)
+
+    def _settle(self, conn: UpstreamConnection, plan: Plan, now: float) -> None:
+        handed_over = any(socket_id == conn.socket_id for _, socket_id in plan.grants)
+        if not handed_over:
+            conn.idle_since = now
+            conn.was_idle = True  # it waits in the idle list: check it before the next use
+        else:
+            conn.was_idle = False
+        self._apply(plan)
+
+    # --- applying plans --------------------------------------------------------------------
+
+    def _apply(self, plan: Plan) -> None:
+        if not plan:
+            return
+        for waiter_id, socket_id in plan.grants:
+            conn = self._conns[socket_id]
+            waiter = self._waiters.get(waiter_id)
+            if waiter is None:  # cannot happen: cancelled waiters leave the queue first
+                self.release(conn, reusable=True)
+                continue
+            waiter.conn = conn
+            waiter.event.set()
+        for waiter_id, error in plan.failures:
+            waiter = self._waiters.get(waiter_id)
+            if waiter is not None:
+                waiter.error = error if isinstance(error, BaseException) else RuntimeError(error)
+                waiter.event.set()
+        for socket_id, reason in zip(plan.close, plan.close_reasons, strict=True):
+            closing = self._conns.pop(socket_id, None)
+            if closing is not None:
+                closing.close_now()
+            if self._metrics is not None:
+                self._metrics.pool_closed.labels(reason).inc()
+        for key in plan.connects:
+            if self._nursery is None:
+                self._apply(
+                    self.state.connect_failed(
+                        key,
+                        DestinationUnavailable("the upstream pool is not running"),
+                        self._clock(),
+                    )
+                )
+                continue
+            self._nursery.start_soon(self._connect, key)
+
+    async def _connect(self, key: GroupKey) -> None:
+        try:
+            stream = await self._connector(key)
+        except ProxydError as exc:
+            self._apply(self.state.connect_failed(key, exc, self._clock()))
+            return
+        except trio.Cancelled:
+            self._apply(
+                self.state.connect_failed(
+                    key, DestinationUnavailable("the proxy is shutting down"), self._clock()
+                )
+            )
+            raise
+        except Exception as exc:  # an unexpected failure must still free the slot
+            error = DestinationUnavailable(f"connect failed: {exc!r}")
+            self._apply(self.state.connect_failed(key, error, self._clock()))
+            return
+        now = self._clock()
+        socket_id = next(self._ids)
+        conn = UpstreamConnection(stream, key, socket_id, now)
+        self._conns[socket_id] = conn
+        plan = self.state.connect_succeeded(key, socket_id, now)
+        if not plan.grants:
+            conn.was_idle = True
+        self._apply(plan)
+
+    # --- tunnels ---------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def tunnel_slot(self, host: str) -> AsyncIterator[None]:
+        """Bound CONNECT tunnels / WebSocket sessions per host (not pooled, separate limit)."""
+        limiter = self._tunnels.get(host)
+        if limiter is None:
+            limiter = self._tunnels[host] = trio.CapacityLimiter(self.config.tunnels_per_host)
+        token = object()
+        with trio.move_on_after(self.config.timeout) as scope:
+            await limiter.acquire_on_behalf_of(token)
+        if scope.cancelled_caught:
+            raise ConnectionLimitReached(
+                f"{self.config.tunnels_per_host} tunnels to {host} are open already"
+            )
+        try:
+            yield
+        finally:
+            limiter.release_on_behalf_of(token)
+            if limiter.borrowed_tokens == 0 and not limiter.statistics().tasks_waiting:
+                self._tunnels.pop(host, None)
+
+    # --- views -----------------------------------------------------------------------------
 
     def stats(self) -> PoolStats:
         return PoolStats(
-            idle=sum(len(v) for v in self._idle.values()),
-            origins=len(self._idle),
-            reused=self._reused,
-            expired=self._expired,
-            discarded_readable=self._discarded_readable,
+            groups=[_snapshot(group) for group in self.state.stats()],
+            total=self.state.total,
+            tunnels=sum(int(limiter.borrowed_tokens) for limiter in self._tunnels.values()),
         )

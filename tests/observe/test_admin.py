@@ -42,7 +42,7 @@ async def test_metrics_count_requests_connections_and_durations(
     assert samples[("proxyd_request_duration_seconds_count", (("method", "GET"),))] == 3
     assert samples[("proxyd_body_bytes_total", (("direction", "upload"),))] == 10
     assert ("proxyd_client_connections_active", ()) in samples
-    assert samples[("proxyd_upstream_idle_connections", ())] == 1
+    assert samples[("proxyd_pool_connections", (("route_kind", "direct"), ("state", "idle")))] == 1
 
 
 async def test_admin_port_is_not_reachable_through_the_proxy(proxy: RunningProxy) -> None:

@@ -1,0 +1,175 @@
+"""Socket pools through the real proxy: limits per group and in total, reuse, expiry,
+eviction, waiting and its timeout, draining after a client left (REFERENCE.md: Chromium's pools).
+
+Several distinct origins listen on 127.0.0.2, 127.0.0.3, ... (all loopback) and count their
+concurrent connections.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import h11
+import httpx
+import trio
+
+from tests.conftest import StartProxy, eventually
+from tests.origin import Exchange, Origin
+
+
+async def start_origin(nursery: trio.Nursery, host: str) -> Origin:
+    origin: Origin = await nursery.start(Origin(host=host).serve)
+    return origin
+
+
+def slow(
+    delay: float, concurrent: list[int] | None = None, peak: list[int] | None = None
+) -> Callable[[Exchange], Awaitable[None]]:
+    async def handler(exchange: Exchange) -> None:
+        await exchange.read_body()
+        if concurrent is not None and peak is not None:
+            concurrent[0] += 1
+            peak[0] = max(peak[0], concurrent[0])
+        try:
+            await trio.sleep(delay)
+        finally:
+            if concurrent is not None:
+                concurrent[0] -= 1
+        await exchange.respond(200, b"slow")
+
+    return handler
+
+
+async def test_twenty_concurrent_requests_open_at_most_six_connections(
+    start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    """pool.per_group (Chromium's 6): the other requests wait and reuse those sockets."""
+    origin = await start_origin(nursery, "127.0.0.2")
+    origin.route("/slow", slow(0.1))
+    proxy = await start_proxy()
+    async with httpx.AsyncClient(
+        proxy=proxy.url, limits=httpx.Limits(max_connections=50)
+    ) as client:
+        statuses: list[int] = []
+
+        async def one() -> None:
+            statuses.append((await client.get(origin.url("/slow"))).status_code)
+
+        with trio.fail_after(15):
+            async with trio.open_nursery() as inner:
+                for _ in range(20):
+                    inner.start_soon(one)
+    assert statuses == [200] * 20
+    assert origin.max_active <= 6 and origin.connections <= 6
+    assert len(origin.requests) == 20
+
+
+async def test_total_limit_holds_across_groups(
+    start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    """pool.total caps upstream connections across all origins together."""
+    concurrent, peak = [0], [0]
+    origins = [await start_origin(nursery, f"127.0.0.{i}") for i in (2, 3, 4)]
+    for origin in origins:
+        origin.route("/slow", slow(0.1, concurrent, peak))
+    proxy = await start_proxy(**{"pool.total": 4})
+    async with httpx.AsyncClient(
+        proxy=proxy.url, limits=httpx.Limits(max_connections=50)
+    ) as client:
+
+        async def one(origin: Origin) -> None:
+            assert (await client.get(origin.url("/slow"))).status_code == 200
+
+        with trio.fail_after(15):
+            async with trio.open_nursery() as inner:
+                for index in range(15):
+                    inner.start_soon(one, origins[index % 3])
+    assert peak[0] <= 4
+    assert sum(origin.connections for origin in origins) <= 15
+    assert sum(len(origin.requests) for origin in origins) == 15
+
+
+async def test_waiting_beyond_the_pool_timeout_is_503(
+    start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    """A request that cannot get a slot within pool.timeout gets 503 connection_limit_reached."""
+    origin = await start_origin(nursery, "127.0.0.2")
+    origin.route("/slow", slow(1.0))
+    proxy = await start_proxy(**{"pool.per_group": 1, "pool.timeout": 0.3})
+    async with httpx.AsyncClient(
+        proxy=proxy.url, limits=httpx.Limits(max_connections=10)
+    ) as client:
+        results: list[httpx.Response] = []
+
+        async def one() -> None:
+            results.append(await client.get(origin.url("/slow")))
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(one)
+            await eventually(lambda: origin.active == 1)
+            inner.start_soon(one)
+    statuses = sorted(r.status_code for r in results)
+    assert statuses == [200, 503]
+    refused = next(r for r in results if r.status_code == 503)
+    assert "error=connection_limit_reached" in refused.headers["proxy-status"]
+
+
+async def test_idle_sockets_expire_and_the_oldest_is_evicted_at_the_total_limit(
+    start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    """Used idle sockets live pool.idle_used seconds; at pool.total an idle socket of another
+    group is closed to make room (the oldest first)."""
+    a, b, c = [await start_origin(nursery, f"127.0.0.{i}") for i in (2, 3, 4)]
+    proxy = await start_proxy(**{"pool.total": 2, "pool.idle_used": 0.6})
+    async with httpx.AsyncClient(proxy=proxy.url) as client:
+        for origin in (a, b):
+            assert (await client.get(origin.url("/"))).status_code == 200
+        await eventually(lambda: a.active == 1 and b.active == 1)
+        assert (await client.get(c.url("/"))).status_code == 200  # evicts a (the oldest idle)
+        await eventually(lambda: a.active == 0)
+        assert b.active == 1 and c.active == 1
+        await eventually(lambda: b.active == 0 and c.active == 0, timeout=5)  # expired
+
+
+async def test_client_leaving_mid_response_drains_and_reuses_the_socket(
+    start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    """Cancelling a request drains the rest of the body (bounded) so the socket returns to the
+    pool instead of being closed."""
+    origin = await start_origin(nursery, "127.0.0.2")
+
+    async def body_in_two_parts(exchange: Exchange) -> None:
+        await exchange.read_body()
+        await exchange.send_event(
+            h11.Response(status_code=200, headers=[(b"Content-Length", b"200000")])
+        )
+        await exchange.send_event(h11.Data(data=b"a" * 1000))
+        await trio.sleep(0.3)
+        await exchange.send_event(h11.Data(data=b"b" * 199_000))
+        await exchange.send_event(h11.EndOfMessage())
+
+    origin.route("/big", body_in_two_parts)
+    proxy = await start_proxy()
+    stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+    await stream.send_all(f"GET {origin.url('/big')} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    with trio.fail_after(5):
+        assert (await stream.receive_some(100)).startswith(b"HTTP/1.1 200")
+    await stream.aclose()  # leave mid-body
+    await eventually(lambda: len(proxy.access_lines()) == 1)
+    async with httpx.AsyncClient(proxy=proxy.url) as client:
+        assert (await client.get(origin.url("/"))).status_code == 200
+    assert origin.connections == 1
+    async with httpx.AsyncClient() as admin:
+        metrics = (await admin.get(proxy.admin_url + "/metrics")).text
+    assert 'proxyd_pool_drained_total{outcome="reused"} 1.0' in metrics
+
+
+async def test_pool_gauges_are_exported(start_proxy: StartProxy, nursery: trio.Nursery) -> None:
+    origin = await start_origin(nursery, "127.0.0.2")
+    proxy = await start_proxy()
+    async with httpx.AsyncClient(proxy=proxy.url) as client:
+        assert (await client.get(origin.url("/"))).status_code == 200
+    async with httpx.AsyncClient() as admin:
+        metrics = (await admin.get(proxy.admin_url + "/metrics")).text
+    assert 'proxyd_pool_connections{route_kind="direct",state="idle"} 1.0' in metrics
+    assert "proxyd_pool_groups 1.0" in metrics

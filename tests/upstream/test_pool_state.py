@@ -1,0 +1,156 @@
+"""Pool bookkeeping as tables of events -> decisions (pure, no sockets, explicit time)."""
+
+from __future__ import annotations
+
+from proxyd.upstream.pool_state import Limits, PoolState
+
+A, B = ("http", "a.test", 80, "DIRECT"), ("http", "b.test", 80, "DIRECT")
+
+
+def test_first_request_connects_and_gets_the_new_socket() -> None:
+    """A request with nothing idle starts one connect and is granted its socket."""
+    state = PoolState(Limits())
+    plan = state.request(A, None, waiter=1, now=0)
+    assert plan.connects == [A] and plan.grants == []
+    assert state.connect_succeeded(A, socket_id=100, now=0.1).grants == [(1, 100)]
+    assert state.stats()[0].active == 1
+
+
+def test_released_socket_is_reused_by_the_next_request() -> None:
+    """Keep-alive: a reusable socket goes idle and is granted at once to the next request."""
+    state = PoolState(Limits())
+    state.request(A, None, 1, 0)
+    state.connect_succeeded(A, 100, 0)
+    assert not state.release(A, 100, reusable=True, now=1)
+    plan = state.request(A, None, 2, 2)
+    assert plan.grants == [(2, 100)] and plan.connects == []
+
+
+def test_per_group_limit_queues_and_late_binds() -> None:
+    """Chromium: 6 per group; the 7th waits and takes the first socket released."""
+    state = PoolState(Limits(per_group=6))
+    connects = sum(len(state.request(A, None, w, 0).connects) for w in range(1, 8))
+    assert connects == 6
+    for socket_id, waiter in zip(range(100, 106), range(1, 7), strict=True):
+        assert state.connect_succeeded(A, socket_id, 0).grants == [(waiter, socket_id)]
+    assert state.stats()[0].waiting == 1
+    assert state.release(A, 103, reusable=True, now=1).grants == [(7, 103)]
+
+
+def test_late_binding_takes_whichever_socket_is_ready_first() -> None:
+    """A released socket goes to the waiter whose own connect is still running; that connect's
+    socket then lands idle for the next request."""
+    state = PoolState(Limits())
+    state.request(A, None, 1, 0)
+    state.connect_succeeded(A, 100, 0)
+    assert state.request(A, None, 2, 0).connects == [A]  # 100 is busy: connect for waiter 2
+    assert state.release(A, 100, reusable=True, now=1).grants == [(2, 100)]
+    assert state.connect_succeeded(A, 101, 1).grants == []
+    assert state.request(A, None, 3, 2).grants == [(3, 101)]
+
+
+def test_per_proxy_limit_spans_groups() -> None:
+    """32 per proxy (here 3) counts every group that goes through that proxy."""
+    state = PoolState(Limits(per_proxy=3))
+    via = "http://p.test:3128"
+    groups = [("http", f"o{i}.test", 80, via) for i in range(4)]
+    started = [len(state.request(g, via, i, 0).connects) for i, g in enumerate(groups)]
+    assert started == [1, 1, 1, 0]
+    assert state.proxy_count(via) == 3
+    state.connect_succeeded(groups[0], 100, 0)
+    plan = state.release(groups[0], 100, reusable=False, now=1)
+    assert plan.connects == [groups[3]]  # the freed proxy slot goes to the starved group
+
+
+def test_total_limit_evicts_the_oldest_idle_socket_of_another_group() -> None:
+    """At the total limit, an idle socket elsewhere is closed to make room."""
+    state = PoolState(Limits(total=2))
+    for waiter, socket_id, when in ((1, 100, 0.0), (2, 101, 1.0)):
+        state.request(A, None, waiter, when)
+        state.connect_succeeded(A, socket_id, when)
+    state.release(A, 100, reusable=True, now=5)
+    state.release(A, 101, reusable=True, now=6)
+    plan = state.request(B, None, 3, 7)
+    assert plan.close == [100] and plan.close_reasons == ["total_limit"]
+    assert plan.connects == [B]
+    assert state.total == 2
+
+
+def test_total_limit_without_idle_sockets_waits() -> None:
+    state = PoolState(Limits(total=1))
+    state.request(A, None, 1, 0)
+    state.connect_succeeded(A, 100, 0)
+    assert not state.request(B, None, 2, 0).connects
+    plan = state.release(A, 100, reusable=False, now=1)
+    assert plan.connects == [B]
+
+
+def test_idle_expiry_unused_10s_used_300s() -> None:
+    """Chromium: a never-used idle socket lives ~10 s, a used one ~300 s."""
+    state = PoolState(Limits(idle_unused=10, idle_used=300))
+    state.request(A, None, 1, 0)
+    state.request(A, None, 2, 0)
+    state.connect_succeeded(A, 100, 0)  # -> waiter 1
+    state.connect_succeeded(A, 101, 0)  # -> waiter 2
+    state.release(A, 100, reusable=True, now=1)  # used
+    state.request(B, None, 3, 0)
+    state.connect_succeeded(B, 200, 1)  # -> waiter 3
+    state.release(A, 101, reusable=True, now=1)
+    assert state.expire(now=10).close == []
+    state.request(B, None, 4, 2)  # B's socket busy: connect
+    assert state.connect_succeeded(B, 201, 2).grants == [(4, 201)]
+    state.release(B, 201, reusable=False, now=2)
+    # an unused socket: connect completes with nobody waiting
+    state.cancel(B, 5)
+    state.request(B, None, 5, 3)
+    state.cancel(B, 5)
+    assert state.connect_succeeded(B, 202, 3).grants == []
+    assert state.expire(now=12.9).close == []
+    assert state.expire(now=13).close == [202]
+    assert state.expire(now=300.9).close == []
+    assert sorted(state.expire(now=301).close) == [100, 101]
+
+
+def test_connect_failure_goes_to_the_oldest_waiter_and_others_retry() -> None:
+    state = PoolState(Limits(per_group=1))
+    state.request(A, None, 1, 0)
+    state.request(A, None, 2, 0)
+    plan = state.connect_failed(A, "refused", 1)
+    assert plan.failures == [(1, "refused")]
+    assert plan.connects == [A]  # waiter 2 gets a new attempt
+    assert state.total == 1
+
+
+def test_fresh_waiters_only_take_new_connections() -> None:
+    """A retry after a stale reused socket must not be handed another reused socket."""
+    state = PoolState(Limits())
+    state.request(A, None, 1, 0)
+    state.connect_succeeded(A, 100, 0)
+    state.request(A, None, 2, 0)
+    state.connect_succeeded(A, 101, 0)
+    state.release(A, 100, reusable=True, now=1)
+    plan = state.request(A, None, 3, 1, fresh=True)
+    assert plan.grants == [] and plan.connects == [A]
+    assert state.release(A, 101, reusable=True, now=2).grants == []
+    assert state.connect_succeeded(A, 102, 2).grants == [(3, 102)]
+
+
+def test_cancel_and_group_cleanup() -> None:
+    state = PoolState(Limits(per_group=1))
+    state.request(A, None, 1, 0)
+    state.request(A, None, 2, 0)
+    state.cancel(A, 2)
+    state.connect_succeeded(A, 100, 0)
+    state.release(A, 100, reusable=False, now=1)
+    assert state.stats() == [] and state.total == 0
+
+
+def test_discarded_idle_socket_frees_its_slot() -> None:
+    state = PoolState(Limits(per_group=1))
+    state.request(A, None, 1, 0)
+    state.connect_succeeded(A, 100, 0)
+    state.release(A, 100, reusable=True, now=1)
+    assert state.request(A, None, 2, 2).grants == [(2, 100)]
+    plan = state.discard_idle(A, 100, 2)  # it had turned readable: gone
+    assert plan.connects == [] and state.total == 0
+    assert state.request(A, None, 2, 2, fresh=True).connects == [A]
