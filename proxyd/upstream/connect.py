@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping
 import h11
 import trio
 from socksio import ProtocolError as SocksProtocolError
-from socksio import socks4, socks5
+from socksio import SOCKSError, socks4, socks5
 
 from proxyd.errors import (
     ConnectionRefused,
@@ -216,7 +216,7 @@ async def _socks_connect(
         raise ConnectionTimeout(f"no SOCKS answer within {timeout:g}s").at_proxy(
             proxy.label
         ) from None
-    except (SocksProtocolError, trio.BrokenResourceError, ValueError) as exc:
+    except (SocksProtocolError, SOCKSError, trio.BrokenResourceError, ValueError) as exc:
         raise ConnectionRefused(f"not a working SOCKS proxy: {exc}").at_proxy(proxy.label) from None
 
 
@@ -261,7 +261,7 @@ async def _socks5(stream: trio.abc.Stream, proxy: ProxyServer, address: str, por
 
 
 async def _socks4(stream: trio.abc.Stream, proxy: ProxyServer, address: str, port: int) -> None:
-    user_id = (proxy.username or "").encode()
+    user_id = (proxy.username or "proxyd").encode()  # SOCKS4 wants some USERID; it is informational
     conn = socks4.SOCKS4Connection(user_id=user_id)
     if _is_ip(address):
         conn.send(socks4.SOCKS4Request.from_address(socks4.SOCKS4Command.CONNECT, (address, port)))
