@@ -189,7 +189,11 @@ class Pool:
     ) -> UpstreamConnection:
         """A socket of ``key`` (``proxy``: the label it counts against), reused or new."""
         while True:
-            conn = await self._acquire_once(key, proxy, fresh)
+            socket_id = None if fresh else self.state.take_idle(key, self._clock())
+            if socket_id is not None:
+                conn = self._conns[socket_id]
+            else:
+                conn = await self._acquire_once(key, proxy, fresh)
             if conn.was_idle and conn.is_readable():
                 # The origin closed it while it idled: discard, and ask again.
                 conn.close_now()
@@ -256,6 +260,10 @@ class Pool:
         now = self._clock()
         if reusable:
             state.start_next_cycle()
+            if self.state.release_idle(conn.key, conn.socket_id, now):
+                conn.idle_since = now
+                conn.was_idle = True
+                return
         else:
             conn.close_now()
             del self._conns[conn.socket_id]

@@ -121,6 +121,32 @@ class PoolState:
         self._start_connects(group, now, plan)
         return plan
 
+    def take_idle(self, key: GroupKey, now: float) -> int | None:
+        """Fast path of ``request`` for the common case (an idle socket, nobody queued): the
+        socket id, or None to take the general path. Allocates nothing."""
+        group = self._groups.get(key)
+        if group is None or group.waiters or not group.idle:
+            return None
+        idle = group.idle[-1]
+        limits = self.limits
+        if now - idle.since >= (limits.idle_used if idle.used else limits.idle_unused):
+            return None  # expired: the general path closes it
+        group.idle.pop()
+        group.active += 1
+        return idle.socket_id
+
+    def release_idle(self, key: GroupKey, socket_id: int, now: float) -> bool:
+        """Fast path of ``release(reusable=True)`` when nobody anywhere waits: the socket goes
+        idle and nothing else changes. False means: take the general path."""
+        if self._starved:
+            return False
+        group = self._groups[key]
+        if group.waiters:
+            return False
+        group.active -= 1
+        group.idle.append(_Idle(socket_id, now, used=True))
+        return True
+
     def cancel(self, key: GroupKey, waiter: int) -> Plan:
         """A queued request gave up (timeout or its client left)."""
         plan = Plan()

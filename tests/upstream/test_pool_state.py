@@ -154,3 +154,20 @@ def test_discarded_idle_socket_frees_its_slot() -> None:
     plan = state.discard_idle(A, 100, 2)  # it had turned readable: gone
     assert plan.connects == [] and state.total == 0
     assert state.request(A, None, 2, 2, fresh=True).connects == [A]
+
+
+def test_fast_paths_agree_with_the_general_path() -> None:
+    """take_idle / release_idle are the allocation-free common case of request / release."""
+    state = PoolState(Limits(idle_used=300))
+    state.request(A, None, 1, 0)
+    state.connect_succeeded(A, 100, 0)
+    assert state.take_idle(A, 1) is None  # nothing idle
+    assert state.release_idle(A, 100, now=1)
+    assert state.take_idle(A, 2) == 100
+    assert state.stats()[0].active == 1
+    state.request(A, None, 2, 2)  # queued behind the busy socket: a connect starts
+    assert not state.release_idle(A, 100, now=3)  # somebody waits: general path needed
+    assert state.release(A, 100, reusable=True, now=3).grants == [(2, 100)]
+    assert state.connect_succeeded(A, 101, 3).grants == []
+    assert state.take_idle(A, 400) is None  # expired: the general path must close it
+    assert state.request(A, None, 3, 400).close == [101]

@@ -253,3 +253,32 @@ async def test_socks5_credentials(
         response = await client.get(origin.url("/s"))
     assert response.status_code == 502
     assert "next-hop=" in response.headers["proxy-status"]
+
+
+@pytest.fixture
+def proxyd_process(tmp_path: Path) -> Iterator[int]:
+    """A second proxyd as its own process (the installed module), as an upstream proxy."""
+    import sys
+
+    port = free_port()
+    config = tmp_path / "upstream.yaml"
+    config.write_text(
+        f'listen: ["127.0.0.1:{port}"]\nadmin: {{listen: "127.0.0.1:{free_port()}"}}\n'
+        'via: {pseudonym: "proxyd-process"}\naccess_log: {enabled: false}\n'
+    )
+    yield from run_daemon([sys.executable, "-m", "proxyd", "--config", str(config)], port)
+
+
+async def test_chaining_through_a_second_proxyd_process(
+    start_proxy: StartProxy, origin: Origin, proxyd_process: int
+) -> None:
+    """The same chaining with the upstream proxyd in its own process."""
+    proxy = await start_proxy(**{"routing.default": [f"PROXY 127.0.0.1:{proxyd_process}"]})
+    async with httpx.AsyncClient(proxy=proxy.url) as client:
+        for _ in range(2):
+            assert (await client.get(origin.url("/process"))).status_code == 200
+    vias = b", ".join(
+        value for name, value in origin.requests[-1].headers if name.lower() == b"via"
+    )
+    assert vias == b"1.1 proxyd-test, 1.1 proxyd-process"
+    assert origin.connections == 1  # the upstream proxyd pools its origin connection too
