@@ -445,3 +445,13 @@ def test_bad_cli_override_is_reported() -> None:
         parse_config_text("log_level: info\n", "x.yaml", {"admin.listen": "nowhere"})
     assert len(info.value.errors) == 1
     assert "admin.listen: 'nowhere' is not HOST:PORT" in info.value.errors[0]
+
+
+def test_the_readme_configuration_example_is_a_valid_config() -> None:
+    """The YAML shown in README.md's Configuration section parses (documentation cannot drift)."""
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "README.md").read_text("utf-8")
+    block = text.split("The main ones:\n\n```yaml\n", 1)[1].split("```", 1)[0]
+    block = block.replace('"scrypt$16384$8$1$..."', '"scrypt$16384$8$1$c2FsdA==$aGFzaA=="')
+    parse_config_text(block, "README.md")
