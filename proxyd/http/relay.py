@@ -225,10 +225,16 @@ async def forward(
     up_request = h11.Request(method=request.method, target=path, headers=headers, _parsed=True)
     cc = client.h11
     trailers = facts.accepts_trailers
-    first = cc.next_event()
-    has_body = type(first) is not _EndOfMessage
     label = proxy.label if proxy is not None else None
     conn = await pool.acquire(key, label)
+    # Only now touch the request body: a proxy failure above must leave the request intact
+    # for failover to the next route (nothing of it has been consumed yet).
+    try:
+        first = cc.next_event()
+    except BaseException:
+        pool.release(conn, reusable=False)
+        raise
+    has_body = type(first) is not _EndOfMessage
     stats.reused = conn.requests > 0
     stats.retryable = stats.reused and not has_body and request.method in IDEMPOTENT_METHODS
     try:
@@ -256,13 +262,21 @@ async def _drain_then_release(conn: UpstreamConnection, settings: RelaySettings)
     """The client left mid-response: read the rest of the body (bounded by pool.drain_bytes and
     pool.drain_timeout) so the socket can serve the next request; otherwise close it."""
     pool = settings.pool
+    outcome = "closed"
+    try:
+        outcome = await _drain(conn, pool.config.drain_bytes, pool.config.drain_timeout)
+    finally:
+        settings.metrics.pool_drained.labels(outcome).inc()
+        pool.release(conn, reusable=outcome == "reused")
+
+
+async def _drain(conn: UpstreamConnection, budget: int, timeout: float) -> str:
     uc = conn.h11
-    budget = pool.config.drain_bytes
     outcome = "closed"
     if uc.our_state is h11.DONE and uc.their_state is h11.DONE:
         outcome = "reused"  # the whole response had arrived; only the client missed the end
     elif uc.our_state is h11.DONE and uc.their_state is h11.SEND_BODY and budget > 0:
-        with trio.move_on_after(pool.config.drain_timeout):
+        with trio.move_on_after(timeout):
             try:
                 while budget > 0:
                     event = uc.next_event()
@@ -277,8 +291,7 @@ async def _drain_then_release(conn: UpstreamConnection, settings: RelaySettings)
                         break
             except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
-    settings.metrics.pool_drained.labels(outcome).inc()
-    pool.release(conn, reusable=outcome == "reused")
+    return outcome
 
 
 async def _forward_without_body(
@@ -397,6 +410,9 @@ async def _pump_request_body(
         try:
             with trio.fail_after(idle):
                 await conn.stream.send_all(out)
+        except trio.Cancelled:
+            conn.broken = True  # h11 counts these bytes as sent; the wire may not have them
+            raise
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             # The origin stopped reading; its answer (or its absence) decides the rest. h11 may
             # already count the body as sent, so the socket must never go back to the pool.

@@ -38,6 +38,7 @@ for tests. Evaluation failures are logged at most once per ``LOG_INTERVAL`` per 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -244,13 +245,12 @@ class Router:
             logger.debug("PAC alert: %s", alert)
         routes, problems = parse_pac_result(answer.result)
         if problems:
-            self._log_throttled(
-                "entry", now, "PAC result %r: skipped %s", answer.result, "; ".join(problems)
-            )
+            self._log_throttled("entry", now, "PAC result: skipped %s", redact("; ".join(problems)))
         if not routes:
             self._count_evaluation("error")
-            self._log_throttled("empty", now, "PAC result %r has no usable entry", answer.result)
-            return self._fallback(f"the PAC result {answer.result!r} has no usable entry")
+            shown = redact(answer.result)
+            self._log_throttled("empty", now, "PAC result %r has no usable entry", shown)
+            return self._fallback(f"the PAC result {shown!r} has no usable entry")
         self._count_evaluation("ok")
         if cacheable and self._facts is facts:
             self._cache.put(key, routes, now, self._dns_ttl if answer.used_dns else None)
@@ -332,3 +332,11 @@ def _now_or_zero() -> float:
         return trio.current_time()
     except RuntimeError:
         return 0.0
+
+
+_USERINFO = re.compile(r"(//)[^/@\s;]*@")
+
+
+def redact(text: str) -> str:
+    """Strip user:password@ from proxy URLs before a PAC result reaches a log or a response."""
+    return _USERINFO.sub(r"\1***@", text)

@@ -132,9 +132,38 @@ async def _open_proxy_socket(
         raise exc.at_proxy(proxy.label) from None
 
 
+class PrefixedStream(trio.abc.Stream):
+    """A stream that first returns bytes already read from ``inner`` (e.g. what an upstream
+    proxy sent right after its CONNECT answer, in the same read: an SSH or SMTP banner)."""
+
+    def __init__(self, inner: trio.abc.Stream, prefix: bytes) -> None:
+        self.inner = inner
+        self._prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            data, self._prefix = self._prefix, b""
+            await trio.lowlevel.checkpoint()
+            return data
+        return bytes(await self.inner.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        if isinstance(self.inner, trio.abc.HalfCloseableStream):
+            await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 async def _http_connect(
     stream: trio.abc.Stream, proxy: ProxyServer, host: str, port: int, timeout: float
-) -> None:
+) -> bytes:
     """RFC 9110 §9.3.6 CONNECT through an HTTP proxy; returns once the tunnel is open."""
     authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     head = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
@@ -177,6 +206,7 @@ async def _http_connect(
             f"proxy {proxy.label} answered CONNECT {authority} with {event.status_code}",
             next_hop=proxy.label,
         )
+    return bytes(conn.trailing_data[0])  # tunnel bytes that came with the 200
 
 
 _SOCKS5_ERRORS = {
@@ -205,7 +235,13 @@ async def _socks_connect(
     """SOCKS5 (RFC 1928, RFC 1929 credentials) or SOCKS4/4a through socksio's state machines."""
     address = host
     if not proxy.remote_dns and resolve is not None and not _is_ip(host):
-        address = (await resolve(host))[0]  # socks5:// / socks4:// resolve locally
+        # socks5:// and socks4:// resolve locally; SOCKS4 carries IPv4 addresses only.
+        addresses = await resolve(host)
+        if proxy.kind == "socks4":
+            addresses = [a for a in addresses if ":" not in a]
+            if not addresses:
+                raise DestinationUnavailable(f"{host} has no IPv4 address (SOCKS4 needs one)")
+        address = addresses[0]
     try:
         with trio.fail_after(timeout):
             if proxy.kind == "socks4":
@@ -309,7 +345,9 @@ async def open_route_stream(
         if proxy.kind in ("http", "https"):
             if not tunnel and not tls:
                 return stream
-            await _http_connect(stream, proxy, host, port, timeout)
+            early = await _http_connect(stream, proxy, host, port, timeout)
+            if early:
+                stream = PrefixedStream(stream, early)
         else:
             await _socks_connect(stream, proxy, host, port, timeout, resolve)
         if tls:

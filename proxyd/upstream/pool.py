@@ -68,9 +68,12 @@ class UpstreamConnection:
         self.was_idle = False
 
     def _socket(self) -> trio.socket.SocketType:
-        stream = self.stream
-        while isinstance(stream, trio.SSLStream):
-            stream = stream.transport_stream
+        stream: object = self.stream
+        while not isinstance(stream, trio.SocketStream):
+            inner = getattr(stream, "transport_stream", None) or getattr(stream, "inner", None)
+            if inner is None:
+                break
+            stream = inner
         assert isinstance(stream, trio.SocketStream)
         return stream.socket
 

@@ -112,7 +112,9 @@ class PoolState:
         if group is None:
             group = self._groups[key] = _Group(key, proxy)
         self._expire_group(group, now, plan)
-        if not fresh and group.idle and not group.waiters:
+        # An idle socket goes to a newcomer unless a non-fresh waiter queued first (fresh
+        # waiters only take new connections, so they do not hold the idle ones back).
+        if not fresh and group.idle and all(waiting_fresh for _, waiting_fresh in group.waiters):
             idle = group.idle.pop()
             group.active += 1
             plan.grants.append((waiter, idle.socket_id))
@@ -271,6 +273,13 @@ class PoolState:
     def _start_connects(self, group: _Group, now: float, plan: Plan) -> None:
         limits = self.limits
         while len(group.waiters) > group.connecting:
+            if group.size >= limits.per_group and group.idle:
+                # Full, yet holding idle sockets nobody here can use (the waiters want fresh
+                # ones): close the oldest to make room (Chromium's CloseOneIdleSocket).
+                idle = group.idle.pop(0)
+                self._forget_socket(group)
+                plan.close.append(idle.socket_id)
+                plan.close_reasons.append("per_group_limit")
             if group.size >= limits.per_group or (
                 group.proxy is not None and self._per_proxy.get(group.proxy, 0) >= limits.per_proxy
             ):

@@ -375,3 +375,12 @@ async def test_pac_server_host_is_resolved_with_the_injected_resolver(
     assert await decide(router, "http", "a.example", 80, "") == (CORP,)
     assert asked == ["wpad.corp.test"]
     assert origin.requests[-1].headers[0] == (b"Host", f"wpad.corp.test:{origin.port}".encode())
+
+
+def test_redact_hides_proxy_credentials_in_logged_pac_results() -> None:
+    """A PAC result is logged when it is unusable; user:password@ never reaches the log."""
+    from proxyd.routing.router import redact
+
+    assert redact("PROXY a:1; socks5://bob:s3cret@b:1080; BOGUS") == (
+        "PROXY a:1; socks5://***@b:1080; BOGUS"
+    )

@@ -171,3 +171,18 @@ def test_fast_paths_agree_with_the_general_path() -> None:
     assert state.connect_succeeded(A, 101, 3).grants == []
     assert state.take_idle(A, 400) is None  # expired: the general path must close it
     assert state.request(A, None, 3, 400).close == [101]
+
+
+def test_fresh_waiters_never_starve_behind_idle_sockets() -> None:
+    """A full group whose sockets went idle while only fresh (retry) waiters queue closes an
+    idle socket to connect anew, and a newcomer may take an idle socket past fresh waiters."""
+    state = PoolState(Limits(per_group=2))
+    for waiter, socket_id in ((1, 102), (2, 103)):
+        state.request(A, None, waiter, 0)
+        state.connect_succeeded(A, socket_id, 0)
+    assert state.request(A, None, 3, 1, fresh=True).connects == []  # full: starved
+    plan = state.release(A, 102, reusable=True, now=2)
+    assert plan.close == [102] and plan.connects == [A]  # room made for the fresh connect
+    assert not state.release(A, 103, reusable=True, now=2).connects  # its connect is running
+    assert state.request(A, None, 5, 3).grants == [(5, 103)]  # a newcomer takes the idle one
+    assert state.connect_succeeded(A, 104, 3).grants == [(3, 104)]  # the retry gets a new one

@@ -282,3 +282,82 @@ async def test_chaining_through_a_second_proxyd_process(
     )
     assert vias == b"1.1 proxyd-test, 1.1 proxyd-process"
     assert origin.connections == 1  # the upstream proxyd pools its origin connection too
+
+
+async def test_failover_keeps_a_body_that_came_with_the_head(
+    start_proxy: StartProxy, origin: Origin
+) -> None:
+    """A POST whose body arrived in the same read as its head, first routed to a dead proxy,
+    reaches the origin whole over the next route (nothing of it was consumed before failover)."""
+    proxy = await start_proxy(**{"routing.default": [f"PROXY 127.0.0.1:{free_port()}", "DIRECT"]})
+    stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+    await stream.send_all(
+        f"POST {origin.url('/echo')} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        "Connection: close\r\n\r\nhello".encode()
+    )
+    answer = b""
+    with trio.fail_after(5):
+        while chunk := await stream.receive_some(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert b'"body_size": 5' in answer
+
+
+async def test_bytes_after_an_upstream_proxys_connect_answer_are_kept(
+    start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    """A server-speaks-first protocol (an SSH banner) whose first bytes share a read with the
+    upstream proxy's 200 to CONNECT still reaches the client."""
+
+    async def fake_proxy(stream: trio.SocketStream) -> None:
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += await stream.receive_some(4096)
+        await stream.send_all(b"HTTP/1.1 200 Connection Established\r\n\r\nSSH-2.0-banner\r\n")
+        await trio.sleep(2)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    nursery.start_soon(trio.serve_listeners, fake_proxy, listeners)
+    upstream_port = listeners[0].socket.getsockname()[1]
+    proxy = await start_proxy(
+        **{
+            "routing.default": [f"PROXY 127.0.0.1:{upstream_port}"],
+            "connect.allowed_ports": [22],
+        }
+    )
+    stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+    await stream.send_all(b"CONNECT ssh.example:22 HTTP/1.1\r\nHost: ssh.example:22\r\n\r\n")
+    received = b""
+    with trio.fail_after(5):
+        while b"SSH-2.0-banner" not in received:
+            chunk = await stream.receive_some(4096)
+            assert chunk, received
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200")
+
+
+async def test_socks4_with_local_dns_and_no_ipv4_is_not_a_proxy_failure(
+    start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    """socks4:// resolves locally and can only carry IPv4: a name with only IPv6 addresses is
+    the destination's problem (502 destination_unavailable), not the proxy's (no failover)."""
+
+    async def accept_only(stream: trio.SocketStream) -> None:
+        await trio.sleep(2)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    nursery.start_soon(trio.serve_listeners, accept_only, listeners)
+    port = listeners[0].socket.getsockname()[1]
+    proxy = await start_proxy(
+        **{
+            "routing.default": [f"socks4://127.0.0.1:{port}"],
+            "dns.hosts": {"v6.test": "2001:db8::1"},
+        }
+    )
+    async with httpx.AsyncClient(proxy=proxy.url) as client:
+        response = await client.get("http://v6.test:8080/")
+    assert response.status_code == 502
+    assert "error=destination_unavailable" in response.headers["proxy-status"]
+    async with httpx.AsyncClient() as admin:
+        metrics = (await admin.get(proxy.admin_url + "/metrics")).text
+    assert "proxyd_bad_proxies 0.0" in metrics
