@@ -213,11 +213,7 @@ class PoolState:
             group.idle.append(_Idle(socket_id, now, used=True))
             self._rebalance(now, plan)  # an idle socket can be evicted for a starved group
             return plan
-        self._forget_socket(group)
-        if group.waiters:
-            self._start_connects(group, now, plan)
-        self._rebalance(now, plan)
-        self._maybe_forget(group)
+        self._slot_freed(group, now, plan)
         return plan
 
     def discard_idle(self, key: GroupKey, socket_id: int, now: float) -> Plan:
@@ -225,11 +221,7 @@ class PoolState:
         plan = Plan()
         group = self._groups[key]
         group.active -= 1
-        self._forget_socket(group)
-        if group.waiters:
-            self._start_connects(group, now, plan)
-        self._rebalance(now, plan)
-        self._maybe_forget(group)
+        self._slot_freed(group, now, plan)
         return plan
 
     def expire(self, now: float) -> Plan:
@@ -246,10 +238,7 @@ class PoolState:
         plan = Plan()
         for group in list(self._groups.values()):
             while group.idle:
-                idle = group.idle.pop()
-                self._forget_socket(group)
-                plan.close.append(idle.socket_id)
-                plan.close_reasons.append("drain")
+                self._close_idle(group, group.idle.pop(), "drain", plan)
             self._maybe_forget(group)
         return plan
 
@@ -270,16 +259,26 @@ class PoolState:
 
     # --- internals -------------------------------------------------------------------------
 
+    def _slot_freed(self, group: _Group, now: float, plan: Plan) -> None:
+        """A socket of ``group`` is gone: its waiters may connect, and so may starved groups."""
+        self._forget_socket(group)
+        if group.waiters:
+            self._start_connects(group, now, plan)
+        self._rebalance(now, plan)
+        self._maybe_forget(group)
+
+    def _close_idle(self, group: _Group, idle: _Idle, reason: str, plan: Plan) -> None:
+        self._forget_socket(group)
+        plan.close.append(idle.socket_id)
+        plan.close_reasons.append(reason)
+
     def _start_connects(self, group: _Group, now: float, plan: Plan) -> None:
         limits = self.limits
         while len(group.waiters) > group.connecting:
             if group.size >= limits.per_group and group.idle:
                 # Full, yet holding idle sockets nobody here can use (the waiters want fresh
                 # ones): close the oldest to make room (Chromium's CloseOneIdleSocket).
-                idle = group.idle.pop(0)
-                self._forget_socket(group)
-                plan.close.append(idle.socket_id)
-                plan.close_reasons.append("per_group_limit")
+                self._close_idle(group, group.idle.pop(0), "per_group_limit", plan)
             if group.size >= limits.per_group or (
                 group.proxy is not None and self._per_proxy.get(group.proxy, 0) >= limits.per_proxy
             ):
@@ -315,10 +314,7 @@ class PoolState:
         if oldest is None:
             return False
         _, group, index = oldest
-        idle = group.idle.pop(index)
-        self._forget_socket(group)
-        plan.close.append(idle.socket_id)
-        plan.close_reasons.append("total_limit")
+        self._close_idle(group, group.idle.pop(index), "total_limit", plan)
         self._maybe_forget(group)
         return True
 
@@ -330,9 +326,7 @@ class PoolState:
         for idle in group.idle:
             ttl = limits.idle_used if idle.used else limits.idle_unused
             if now - idle.since >= ttl:
-                self._forget_socket(group)
-                plan.close.append(idle.socket_id)
-                plan.close_reasons.append("expired")
+                self._close_idle(group, idle, "expired", plan)
             else:
                 keep.append(idle)
         group.idle = keep
