@@ -179,6 +179,21 @@ class DnsConfig(_Section):
 class CacheConfig(_Section):
     enabled: bool = False
     dir: str = "~/.cache/proxyd"
+    #: Total bytes of stored bodies; least recently used entries are evicted beyond it.
+    max_size: Annotated[int, Field(ge=0)] = 1 << 30
+    #: Larger responses are relayed but not stored.
+    max_object_size: Annotated[int, Field(ge=0)] = 64 << 20
+    #: RFC 9111 §4.2.2: heuristic lifetime as a fraction of (Date - Last-Modified), and its cap.
+    heuristic_fraction: Annotated[float, Field(ge=0, le=1)] = 0.1
+    heuristic_max: OptionalSeconds = 86400.0
+    #: Bodies up to this size are also kept in memory for fast hits (0: never).
+    memory_object_size: Annotated[int, Field(ge=0)] = 64 << 10
+    #: Bytes of bodies kept in memory in all.
+    memory_size: Annotated[int, Field(ge=0)] = 32 << 20
+    #: Clients allowed to send PURGE (the admin listener's POST /cache/purge is always allowed).
+    purge_clients: tuple[Network, ...] = tuple(
+        ipaddress.ip_network(n) for n in ("127.0.0.0/8", "::1/128")
+    )
 
 
 class ConnectConfig(_Section):
@@ -306,6 +321,23 @@ class TunnelConfig(_Section):
     idle_timeout: OptionalSeconds = 0.0
 
 
+class WebSocketConfig(_Section):
+    #: Largest message relayed (after decompression); larger ones close with 1009.
+    max_message_size: Annotated[int, Field(gt=0)] = 64 << 20
+    #: Seconds every step of a closing handshake may take.
+    close_timeout: Seconds = 5.0
+    #: Seconds between keepalive pings to both sides; 0 turns keepalive off.
+    ping_interval: OptionalSeconds = 0.0
+    #: Seconds to wait for a pong before the session is ended as dead.
+    pong_timeout: Seconds = 20.0
+    #: Seconds the origin has to answer the upgrade.
+    handshake_timeout: Seconds = 10.0
+    #: Handle plaintext WebSocket upgrades inside CONNECT tunnels as sessions.
+    inspect_connect: bool = True
+    #: Seconds a session may be silent in both directions; 0: no limit (the default).
+    idle_timeout: OptionalSeconds = 0.0
+
+
 class AccessLogConfig(_Section):
     enabled: bool = True
     format: Literal["text", "json"] = "text"
@@ -331,6 +363,7 @@ class Config(_Section):
     pool: PoolConfig = PoolConfig()
     routing: RoutingConfig = RoutingConfig()
     tunnel: TunnelConfig = TunnelConfig()
+    websocket: WebSocketConfig = WebSocketConfig()
     access_log: AccessLogConfig = AccessLogConfig()
     log_level: LogLevel = "info"
     shutdown_timeout: Seconds = 10.0

@@ -227,6 +227,44 @@ class Metrics:
             ["route_kind"],
             registry=registry,
         )
+        # --- cache (entries, bytes, evictions come from the store's stats() at scrape time) ---
+        self.cache_lookups = Counter(
+            "proxyd_cache_lookups_total",
+            "Cache lookups, by result (hit, miss, stale_served, revalidated, uncacheable,"
+            " only_if_cached_miss)",
+            ["result"],
+            registry=registry,
+        )
+        self.cache_served_bytes = Counter(
+            "proxyd_cache_served_bytes_total",
+            "Body bytes sent to clients from the cache",
+            registry=registry,
+        )
+        self.cache_stored = Counter(
+            "proxyd_cache_stored_total", "Responses written to the cache", registry=registry
+        )
+        self.cache_collapsed = Counter(
+            "proxyd_cache_collapsed_total",
+            "Requests that followed another request's fetch instead of going to the origin",
+            registry=registry,
+        )
+        self.cache_store_errors = Counter(
+            "proxyd_cache_store_errors_total",
+            "Failures while storing (disk full, I/O errors); the response still reached the client",
+            registry=registry,
+        )
+        self.cache_invalidations = Counter(
+            "proxyd_cache_invalidations_total",
+            "Stored responses removed, by cause (unsafe_method, purge)",
+            ["cause"],
+            registry=registry,
+        )
+        self.cache_background_revalidations = Counter(
+            "proxyd_cache_background_revalidations_total",
+            "stale-while-revalidate refreshes started in the background",
+            registry=registry,
+        )
+        # --- websocket (owned by the websocket work; keep cache metrics above) ---
         self.collector = _StatsCollector()
         registry.register(self.collector)
 
@@ -332,4 +370,24 @@ def dns_gauges(entries: int) -> Iterator[Metric]:
         "proxyd_dns_cache_entries", "Host names in the DNS cache now (answers and failures)"
     )
     family.add_metric([], entries)
+    yield family
+
+
+def cache_gauges(entries: int, size: int, evictions: int, paused: bool) -> Iterator[Metric]:
+    """Scrape-time gauges for the cache store (see cache.store.CacheStore.stats)."""
+    family = GaugeMetricFamily("proxyd_cache_entries", "Responses stored in the cache now")
+    family.add_metric([], entries)
+    yield family
+    family = GaugeMetricFamily("proxyd_cache_stored_bytes", "Body bytes stored in the cache now")
+    family.add_metric([], size)
+    yield family
+    family = GaugeMetricFamily(
+        "proxyd_cache_evictions", "Entries evicted (least recently used) since start-up"
+    )
+    family.add_metric([], evictions)
+    yield family
+    family = GaugeMetricFamily(
+        "proxyd_cache_paused", "1 while storing is paused after a disk error (disk full)"
+    )
+    family.add_metric([], 1 if paused else 0)
     yield family
