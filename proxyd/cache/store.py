@@ -1,19 +1,212 @@
 """The cache store: a SQLite (WAL) index and one body file per entry.
 
-API CONTRACT (skeleton written first; cache/transaction.py and cache/coalesce.py are built against
-these names and shapes — keep them, add what you need).
+Theory of operation
+===================
+
+Layout of the cache directory (one directory may be shared by several proxyd processes)::
+
+    index.sqlite          the index: one row per (key, variant), WAL mode, synchronous=NORMAL
+    bodies/xx/<token>     one file per entry, exactly the bytes received (still compressed)
+    tmp/<token>.part      bodies being written
+
+``token`` is a random uuid4 (hex), so two processes never pick the same file name.
+
+Writing a body (``begin`` -> ``write``... -> ``commit``)
+    ``begin`` creates ``tmp/<token>.part`` and takes ``flock(LOCK_EX)`` on it. The lock is held
+    (by the writer's descriptor) from creation until the index row is committed: the orphan sweep
+    of any process only deletes files it can lock, so it never deletes a body that a live writer
+    is writing, or has renamed but not yet indexed. ``write`` appends to an in-memory buffer and
+    hands it to a worker thread in chunks of at least ``WRITE_CHUNK`` (256 KiB). ``commit``
+    writes the rest, ``fdatasync``s the file, renames it into ``bodies/`` (``os.replace``, atomic),
+    fsyncs that directory (best effort), and only then commits the index row, in a
+    ``BEGIN IMMEDIATE`` transaction that also deletes the row it replaces (same key and variant)
+    and evicts least recently used rows while the total is above ``max_size``. Files of deleted
+    rows are unlinked after that commit. So after a crash at any point the index never names a
+    missing or partial file; what can be left over are unindexed files, swept at ``open``.
+
+Removing (replace, evict, ``invalidate``)
+    Always the row first (committed), then the file. A reader that already opened the file keeps
+    reading it (POSIX unlink semantics).
+
+Read-while-write
+    ``BodyWriter.open_follower`` returns a reader holding a ``dup`` of the writer's descriptor, so
+    it keeps working after the writer renames (commit) or unlinks (abort) the file. Bytes already
+    in the file are read with ``pread``; bytes still in the writer's buffer are served from memory.
+    A follower never waits: the coalescing layer tells it when there is more.
+
+The event loop never touches the disk
+    All SQLite work runs in worker threads under ``_db_limiter`` (one token: the store has one
+    connection, ``check_same_thread=False``, used by one thread at a time), file work under
+    ``_io_limiter``. Reads of a body go in pieces of up to ``READ_CHUNK`` (1 MiB).
+
+The memory copy of the index (``_rows``)
+    A hit should cost far less than a proxied miss, so rows already read are kept in memory per
+    key (also "no rows": a known miss). Other processes' commits are noticed through
+    ``PRAGMA data_version``: it changes when any *other* connection committed, costs about 3 us
+    and reads only the WAL index in shared memory, so ``lookup`` runs it on the loop thread when
+    the connection is idle. When it changed, the whole memory copy is dropped and keys are re-read
+    from SQLite in a thread. Every operation in a thread also re-checks it before touching the
+    index, and our own writes (which do not change our data_version) update the memory copy
+    directly, after their commit, while they still hold the connection. ``_rows`` is only ever
+    changed by whoever holds the connection (a thread under ``_db_limiter``, or the loop when no
+    token is borrowed), so updates apply in the order of the index operations. When the connection
+    is busy, ``lookup`` answers from the memory copy as of the in-flight operation's start (a
+    staleness of one index operation, in practice milliseconds).
+
+The memory tier of bodies
+    Bodies up to ``memory_object_size`` are kept in an LRU of at most ``memory_size`` bytes,
+    filled on commit and on the first ``open_body``; ``BodyReader.cached()`` returns them, and a
+    memory hit (``lookup`` + ``open_body`` + ``cached``) does no thread hop at all.
+
+LRU bookkeeping
+    ``touch`` records the access time in memory. The batch is written to the index by a small
+    background task at most every ``TOUCH_INTERVAL`` seconds or every ``TOUCH_BATCH`` touches,
+    and with every commit (whose eviction needs it), and at ``aclose``.
+
+Several processes
+    Writes use ``BEGIN IMMEDIATE`` (the write lock is taken up front, so no transaction ever has
+    to upgrade and fail with SQLITE_BUSY mid-way). The lock is waited for in short slices
+    (``BEGIN_SLICE_MS``) with jittered exponential backoff in between on the loop, bounded by
+    ``busy_timeout`` (30 s) in all: a waiting writer does not hold the connection, so lookups of
+    this process go on meanwhile. ``open`` serializes index validation and the sweep across
+    processes with ``flock`` on the cache directory.
+
+Failures
+    An unreadable index (not a database, corrupt, wrong schema) found at ``open`` is renamed to
+    ``index.sqlite.corrupt-<timestamp>`` (with its -wal/-shm) and rebuilt empty; the sweep then
+    removes the bodies it no longer names. A database error during ``lookup`` is a miss (logged,
+    counted). An I/O error while storing (ENOSPC, EIO...) removes the temp file, counts an error
+    and *pauses* storing for ``pause_interval``; after it the next ``begin`` is a probe (it also
+    checks ``statvfs`` for room) and the first successful commit ends the pause. The caller keeps
+    relaying to the client in all cases.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import errno
+import fcntl
+import logging
+import os
+import random
+import sqlite3
+import struct
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Final, TypeVar
+
+import trio
 
 from proxyd.cache.policy import Header, Stored
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+SCHEMA_VERSION: Final = 1
+#: Writes are buffered to at least this much before a thread hop.
+WRITE_CHUNK: Final = 256 << 10
+#: Largest piece one ``BodyReader.read`` returns from a file.
+READ_CHUNK: Final = 1 << 20
+#: Total bound on waiting for the index's write lock (and SQLite's own busy_timeout).
+BUSY_TIMEOUT: Final = 30.0
+#: One attempt at BEGIN IMMEDIATE waits at most this long inside SQLite.
+BEGIN_SLICE_MS: Final = 100
+#: After a storing failure, how long storing stays paused before the next attempt.
+PAUSE_INTERVAL: Final = 10.0
+#: Access times are written to the index at most this often, or after this many touches.
+TOUCH_INTERVAL: Final = 5.0
+TOUCH_BATCH: Final = 1000
+#: Bound on the keys held in the memory copy of the index (oldest inserted go first).
+INDEX_MEMORY_KEYS: Final = 100_000
+#: Worker threads for body files (the index has its own single one).
+IO_THREADS: Final = 4
+_SWEEP_BATCH: Final = 256
+_LOG_EVERY: Final = 60.0
+
+_SQLITE_BUSY: Final = 5
+_SQLITE_LOCKED: Final = 6
+_SQLITE_CORRUPT: Final = 11
+_SQLITE_NOTADB: Final = 26
+
+_COLUMNS: Final = (
+    "id",
+    "key",
+    "variant",
+    "status",
+    "reason",
+    "headers",
+    "request_time",
+    "response_time",
+    "body_name",
+    "body_size",
+    "access_time",
+)
+
+# totals is kept by triggers so the size check of every commit is one row read, not a scan;
+# body_size never changes after insert (update() only rewrites headers and times).
+_SCHEMA: Final = f"""
+CREATE TABLE entries (
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL,
+    variant BLOB NOT NULL,
+    status INTEGER NOT NULL,
+    reason BLOB NOT NULL,
+    headers BLOB NOT NULL,
+    request_time REAL NOT NULL,
+    response_time REAL NOT NULL,
+    body_name TEXT NOT NULL,
+    body_size INTEGER NOT NULL,
+    access_time REAL NOT NULL
+);
+CREATE UNIQUE INDEX entries_key_variant ON entries (key, variant);
+CREATE INDEX entries_lru ON entries (access_time);
+CREATE TABLE totals (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    entries INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+);
+INSERT INTO totals VALUES (0, 0, 0);
+CREATE TRIGGER entries_added AFTER INSERT ON entries BEGIN
+    UPDATE totals SET entries = entries + 1, bytes = bytes + NEW.body_size WHERE id = 0;
+END;
+CREATE TRIGGER entries_removed AFTER DELETE ON entries BEGIN
+    UPDATE totals SET entries = entries - 1, bytes = bytes - OLD.body_size WHERE id = 0;
+END;
+PRAGMA user_version = {SCHEMA_VERSION};
+"""
+
+_SELECT_KEY: Final = (
+    "SELECT id, variant, status, reason, headers, request_time, response_time, body_name,"
+    " body_size FROM entries WHERE key = ? ORDER BY id DESC"
+)
+_INSERT: Final = (
+    "INSERT INTO entries (key, variant, status, reason, headers, request_time, response_time,"
+    " body_name, body_size, access_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_TOUCH: Final = "UPDATE entries SET access_time = max(access_time, ?) WHERE id = ?"
+
+_Row = tuple[int, bytes, int, bytes, bytes, float, float, str, int]
 
 
 class StoreError(Exception):
     """Storing failed (disk full, I/O error); the response still goes to the client."""
+
+
+class _Busy(Exception):
+    """One slice of waiting for the index's write lock ran out."""
+
+
+class _BusyTimeout(StoreError):
+    """The index stayed write-locked by other processes for ``busy_timeout``."""
+
+
+class _WrongSchema(Exception):
+    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +217,7 @@ class Entry:
     key: str
     stored: Stored  # status, headers, times, variant, body_size
     reason: bytes
-    body_name: str  # file name under bodies/
+    body_name: str  # file name under bodies/ ("xx/<token>")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,44 +229,640 @@ class StoreStats:
     paused: bool
 
 
+# --- headers blob ---------------------------------------------------------------------------
+
+_PAIR: Final = struct.Struct(">II")
+
+
+def encode_headers(headers: Sequence[Header]) -> bytes:
+    """Length-prefixed (name, value) pairs: exact bytes, order and case survive."""
+    parts: list[bytes] = []
+    for name, value in headers:
+        parts.append(_PAIR.pack(len(name), len(value)))
+        parts.append(name)
+        parts.append(value)
+    return b"".join(parts)
+
+
+def decode_headers(blob: bytes) -> tuple[Header, ...]:
+    out: list[Header] = []
+    pos, end = 0, len(blob)
+    while pos < end:
+        if pos + 8 > end:
+            raise ValueError("truncated headers blob")
+        name_len, value_len = _PAIR.unpack_from(blob, pos)
+        pos += 8
+        value_at = pos + name_len
+        stop = value_at + value_len
+        if stop > end:
+            raise ValueError("truncated headers blob")
+        out.append((blob[pos:value_at], blob[value_at:stop]))
+        pos = stop
+    return tuple(out)
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    return code in (_SQLITE_BUSY, _SQLITE_LOCKED)
+
+
+def _is_corrupt(exc: BaseException) -> bool:
+    """An index we should set aside rather than fail on (not: locked, I/O, permission)."""
+    if isinstance(exc, _WrongSchema):
+        return True
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    return code in (_SQLITE_CORRUPT, _SQLITE_NOTADB) or type(exc) is sqlite3.DatabaseError
+
+
+# --- blocking helpers (run in worker threads) -----------------------------------------------
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view = view[done:]
+        offset += done
+
+
+def _pread_all(fd: int, size: int) -> bytes:
+    parts: list[bytes] = []
+    offset = 0
+    while offset < size:
+        piece = os.pread(fd, min(size - offset, READ_CHUNK), offset)
+        if not piece:
+            break
+        parts.append(piece)
+        offset += len(piece)
+    return b"".join(parts)
+
+
+def _fsync_dir(path: str) -> None:
+    """Best effort: makes the rename durable; some filesystems refuse fsync on a directory."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        logger.warning("cache: could not remove %s: %s", path, exc)
+
+
+def _unlink_and_close(path: str | None, fd: int) -> None:
+    # Unlink while still holding the lock, then close: no moment where the file is both
+    # reachable by name and unlocked.
+    if path is not None:
+        _unlink_quiet(path)
+    if fd >= 0:
+        os.close(fd)
+
+
+def _close_quiet(fd: int) -> None:
+    with suppress(OSError):
+        os.close(fd)
+
+
+def _try_lock(path: str) -> int:
+    """An fd holding LOCK_EX on ``path``, -1 when another descriptor holds it or it is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return -1
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return -1
+    return fd
+
+
+def _body_names(conn: sqlite3.Connection) -> set[str]:
+    return {name for (name,) in conn.execute("SELECT body_name FROM entries")}
+
+
+def _connect(path: str, busy_ms: int) -> tuple[sqlite3.Connection, set[str]]:
+    """Open, configure and validate the index (creating the schema in an empty file); returns
+    the connection and the body names it holds. Raises on an unusable index."""
+    conn = sqlite3.connect(
+        path,
+        timeout=busy_ms / 1000,
+        isolation_level=None,  # we issue BEGIN IMMEDIATE / COMMIT ourselves
+        check_same_thread=False,  # one thread at a time, serialized by _db_limiter
+        cached_statements=64,
+    )
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+        (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        if str(mode).lower() != "wal":
+            logger.warning("cache: index %s is not in WAL mode (%s)", path, mode)
+        conn.execute("PRAGMA synchronous = NORMAL")
+        tables = {
+            name
+            for (name,) in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+            )
+        }
+        if not tables:
+            conn.executescript("BEGIN IMMEDIATE;\n" + _SCHEMA + "\nCOMMIT;")
+        else:
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            columns = tuple(row[1] for row in conn.execute("PRAGMA table_info(entries)"))
+            if version != SCHEMA_VERSION or columns != _COLUMNS or "totals" not in tables:
+                raise _WrongSchema(f"schema version {version}, tables {sorted(tables)}")
+        if conn.execute("SELECT entries, bytes FROM totals WHERE id = 0").fetchone() is None:
+            raise _WrongSchema("no totals row")
+        # Reading every row now makes a damaged table show up here (set aside) and gives the
+        # sweep its list of live bodies.
+        names = _body_names(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn, names
+
+
+def _set_aside(path: str) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = f"{path}.corrupt-{stamp}"
+    n = 1
+    while os.path.exists(aside):
+        aside = f"{path}.corrupt-{stamp}-{n}"
+        n += 1
+    os.replace(path, aside)
+    # A stale WAL must never be replayed into the new, empty index.
+    for suffix in ("-wal", "-shm", "-journal"):
+        with suppress(FileNotFoundError):
+            os.replace(path + suffix, aside + suffix)
+    return aside
+
+
+def _sweep(conn: sqlite3.Connection, tmp: str, bodies: str, known: set[str]) -> int:
+    """Remove orphans: tmp/ files and unindexed bodies/ files that no live writer holds.
+
+    A live writer holds LOCK_EX on its file from creation until after its index commit, so a
+    file we can lock is either an orphan or (bodies/) one committed since ``known`` was read:
+    the index is read again *after* taking the locks to tell those apart.
+    """
+    removed = 0
+    with os.scandir(tmp) as it:
+        for dirent in it:
+            fd = _try_lock(dirent.path)
+            if fd >= 0:
+                _unlink_and_close(dirent.path, fd)
+                removed += 1
+    locked: list[tuple[str, str, int]] = []
+
+    def settle() -> int:
+        live = _body_names(conn)
+        count = 0
+        for name, path, fd in locked:
+            if name not in live:
+                _unlink_quiet(path)
+                count += 1
+            os.close(fd)
+        locked.clear()
+        return count
+
+    with os.scandir(bodies) as top:
+        subdirs = [d.path for d in top if d.is_dir(follow_symlinks=False)]
+    for sub in subdirs:
+        prefix = os.path.basename(sub)
+        with os.scandir(sub) as it:
+            for dirent in it:
+                name = f"{prefix}/{dirent.name}"
+                if name in known:
+                    continue
+                fd = _try_lock(dirent.path)
+                if fd < 0:
+                    continue
+                locked.append((name, dirent.path, fd))
+                if len(locked) >= _SWEEP_BATCH:
+                    removed += settle()
+    removed += settle()
+    return removed
+
+
+@dataclass(frozen=True, slots=True)
+class _Opened:
+    directory: str
+    conn: sqlite3.Connection
+    data_version: int
+    totals: tuple[int, int]
+    swept: int
+
+
+def _open_sync(directory: str, busy_ms: int) -> _Opened:
+    directory = os.path.expanduser(directory)
+    tmp = os.path.join(directory, "tmp")
+    bodies = os.path.join(directory, "bodies")
+    os.makedirs(tmp, exist_ok=True)
+    for i in range(256):
+        os.makedirs(os.path.join(bodies, f"{i:02x}"), exist_ok=True)
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        # One opener at a time across processes: two processes must not both set aside (the
+        # second would set aside the first one's fresh index) nor race on creating the schema.
+        fcntl.flock(dir_fd, fcntl.LOCK_EX)
+        index = os.path.join(directory, "index.sqlite")
+        try:
+            conn, known = _connect(index, busy_ms)
+        except (sqlite3.Error, _WrongSchema) as exc:
+            if not _is_corrupt(exc):
+                raise
+            aside = _set_aside(index)
+            logger.error(
+                "cache: index %s is unreadable (%s); set aside as %s, starting empty",
+                index,
+                exc,
+                aside,
+            )
+            conn, known = _connect(index, busy_ms)
+        try:
+            swept = _sweep(conn, tmp, bodies, known)
+            (version,) = conn.execute("PRAGMA data_version").fetchone()
+            entries, size = conn.execute(
+                "SELECT entries, bytes FROM totals WHERE id = 0"
+            ).fetchone()
+        except BaseException:
+            conn.close()
+            raise
+        return _Opened(directory, conn, int(version), (int(entries), int(size)), swept)
+    finally:
+        os.close(dir_fd)
+
+
+# --- readers and writers --------------------------------------------------------------------
+
+
+class BodyReader:
+    """Reads one body: from memory (small, hot entries), a file, or a writer still writing.
+
+    ``read`` raises StoreError when the file cannot be read (gone before it was opened, I/O).
+    """
+
+    __slots__ = ("_data", "_fd", "_path", "_size", "_store", "_writer")
+
+    def __init__(
+        self,
+        store: CacheStore,
+        *,
+        data: bytes | None = None,
+        fd: int = -1,
+        path: str | None = None,
+        size: int | None = None,
+        writer: BodyWriter | None = None,
+    ) -> None:
+        self._store = store
+        self._data = data
+        self._fd = fd
+        self._path = path
+        self._size = size
+        self._writer = writer
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes at ``offset`` (b"" at the current end)."""
+        data = self._data
+        if data is not None:
+            return data[offset : offset + size]
+        size = min(size, READ_CHUNK)
+        writer = self._writer
+        if writer is not None:
+            in_file = writer._file_end
+            if offset >= in_file:
+                return writer._buffered(offset, size)
+            size = min(size, in_file - offset)
+        elif self._size is not None:
+            size = min(size, self._size - offset)
+        if size <= 0:
+            return b""
+        store = self._store
+        if self._fd < 0:
+            path = self._path
+            if path is None:
+                raise StoreError("body reader is closed")
+            try:
+                self._fd = await store._io(lambda: os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError as exc:
+                raise StoreError(f"cache body unavailable: {exc}") from exc
+            self._path = None
+        fd = self._fd
+        try:
+            return await store._io(lambda: os.pread(fd, size, offset))
+        except OSError as exc:
+            raise StoreError(f"cache body read failed: {exc}") from exc
+
+    def cached(self) -> bytes | None:
+        """The whole body when it is held in memory (small, hot entries), else None."""
+        return self._data
+
+    async def aclose(self) -> None:
+        fd, self._fd = self._fd, -1
+        self._path = None
+        if fd >= 0:
+            with trio.CancelScope(shield=True):
+                await self._store._io(lambda: _close_quiet(fd))
+
+    def __del__(self) -> None:
+        # Safety net for a reader dropped without aclose(): never leak the descriptor.
+        if getattr(self, "_fd", -1) >= 0:
+            _close_quiet(self._fd)
+            self._fd = -1
+
+
+_WRITING: Final = "writing"
+_COMMITTING: Final = "committing"
+_COMMITTED: Final = "committed"
+_ABORTED: Final = "aborted"
+
+
 class BodyWriter:
-    """A body being stored: appended in order, then committed (or aborted)."""
+    """A body being stored: appended in order, then committed (or aborted).
+
+    Call ``commit`` or ``abort`` exactly once at the end (``abort`` in a ``finally`` is safe:
+    after ``commit`` it does nothing). A ``write`` that raises StoreError has already aborted.
+    Bytes beyond ``max_object_size`` are still written (followers may be reading them), but
+    ``commit`` then drops the body and returns None.
+    """
 
     #: bytes written so far (followers may read up to here)
     written: int
 
+    def __init__(
+        self,
+        store: CacheStore,
+        token: str,
+        fd: int,
+        key: str,
+        variant: bytes,
+        status: int,
+        reason: bytes,
+        headers: tuple[Header, ...],
+        request_time: float,
+        response_time: float,
+    ) -> None:
+        self.written = 0
+        self._store = store
+        self._token = token
+        self._fd = fd
+        self._tmp_path = os.path.join(store._tmp, token + ".part")
+        self._name = f"{token[:2]}/{token}"
+        self._final_path = os.path.join(store._bodies, self._name)
+        self._renamed = False
+        self._key = key
+        self._variant = variant
+        self._status = status
+        self._reason = reason
+        self._headers = headers
+        self._request_time = request_time
+        self._response_time = response_time
+        self._state = _WRITING
+        #: bytes confirmed in the file; [_file_end, +len(_inflight)) is being written by a
+        #: thread; the buffer follows it
+        self._file_end = 0
+        self._inflight = b""
+        self._pending = bytearray()
+        #: the whole body while it is small enough for the memory tier
+        self._whole: list[bytes] | None = [] if store._memory_object_size > 0 else None
+        self._too_large = False
+
+    @property
+    def is_too_large(self) -> bool:
+        """More than max_object_size was written: commit() will not keep it."""
+        return self._too_large
+
     async def write(self, data: bytes) -> None:
         """Append; raises StoreError on I/O failure (the writer is then aborted)."""
-        raise NotImplementedError
+        if self._state != _WRITING:
+            raise StoreError(f"body writer is {self._state}")
+        if not data:
+            return
+        if type(data) is not bytes:
+            data = bytes(data)
+        self._pending += data
+        self.written += len(data)
+        store = self._store
+        if self._whole is not None:
+            if self.written <= store._memory_object_size:
+                self._whole.append(data)
+            else:
+                self._whole = None
+        if self.written > store._max_object:
+            self._too_large = True
+        if len(self._pending) >= WRITE_CHUNK:
+            await self._flush()
+
+    def _take_pending(self) -> bytes:
+        data = bytes(self._pending)
+        self._pending = bytearray()
+        self._inflight = data
+        return data
+
+    def _landed(self) -> None:
+        self._file_end += len(self._inflight)
+        self._inflight = b""
+
+    async def _flush(self) -> None:
+        data = self._take_pending()
+        fd, offset = self._fd, self._file_end
+        try:
+            # Shielded (bounded file I/O): a cancellation between taking the buffer and its
+            # landing in the file would leave a hole in the body.
+            with trio.CancelScope(shield=True):
+                await self._store._io(lambda: _pwrite_all(fd, data, offset))
+        except OSError as exc:
+            await self._fail(exc)
+            raise StoreError(f"cache write failed: {exc}") from exc
+        self._landed()
+
+    def _buffered(self, offset: int, size: int) -> bytes:
+        """Bytes at ``offset`` that are not in the file yet (for followers)."""
+        rel = offset - self._file_end
+        inflight = self._inflight
+        if rel < len(inflight):
+            return inflight[rel : rel + size]
+        rel -= len(inflight)
+        return bytes(self._pending[rel : rel + size])
 
     def open_follower(self) -> BodyReader:
         """A reader of the bytes written so far and of those still to come (read-while-write);
-        valid after commit or abort too (it keeps the file open)."""
-        raise NotImplementedError
+        valid after commit or abort too (it keeps the file open).
+
+        Raises StoreError when called after the writer was aborted (its file is gone)."""
+        if self._fd >= 0:
+            return BodyReader(self._store, fd=os.dup(self._fd), writer=self)
+        if self._renamed and self._state in (_COMMITTING, _COMMITTED):
+            return BodyReader(self._store, path=self._final_path, writer=self)
+        raise StoreError(f"body writer is {self._state}")
+
+    def _finish_file(self, data: bytes, offset: int) -> None:
+        """In a thread: the rest of the body, fdatasync, rename into bodies/, fsync the dir."""
+        fd = self._fd
+        if data:
+            _pwrite_all(fd, data, offset)
+        os.fdatasync(fd)
+        try:
+            os.replace(self._tmp_path, self._final_path)
+        except FileNotFoundError:
+            parent = os.path.dirname(self._final_path)
+            if os.path.isdir(parent):
+                raise
+            os.makedirs(parent, exist_ok=True)
+            os.replace(self._tmp_path, self._final_path)
+        self._renamed = True
+        _fsync_dir(os.path.dirname(self._final_path))
 
     async def commit(self) -> Entry | None:
         """Make the entry visible (file renamed, then the index row committed, replacing an entry
         of the same key and variant). None when it was not kept (too large, paused, error)."""
-        raise NotImplementedError
+        if self._state != _WRITING:
+            return None
+        store = self._store
+        # Shielded: a half-done commit would leave the file renamed but unindexed and the lock
+        # held; each step is bounded (file I/O, and busy_timeout for the index).
+        with trio.CancelScope(shield=True):
+            if self._too_large or store._closed:
+                await self.abort()
+                return None
+            self._state = _COMMITTING
+            data = self._take_pending()
+            offset = self._file_end
+            try:
+                await store._io(lambda: self._finish_file(data, offset))
+            except OSError as exc:
+                await self._fail(exc)
+                return None
+            self._landed()
+            touches = store._take_touches()
+            entry_values = self._entry_values()
+            try:
+                entry, doomed = await store._write(
+                    lambda: store._commit_sync(entry_values, touches)
+                )
+            except (sqlite3.Error, StoreError) as exc:
+                await self._fail(exc)
+                return None
+            # Committed: now the replaced and evicted files may go, and our lock with them.
+            fd, self._fd = self._fd, -1
+            doomed_paths = [os.path.join(store._bodies, name) for name in doomed]
+            await store._io(lambda: _remove_files(doomed_paths, fd))
+            self._state = _COMMITTED
+            whole = self._whole
+            self._whole = None
+            store._after_commit(entry, doomed, None if whole is None else b"".join(whole))
+            return entry
+        return None  # only reached if the shielded scope swallowed a cancellation
+
+    def _entry_values(
+        self,
+    ) -> tuple[str, bytes, int, bytes, tuple[Header, ...], float, float, str, int]:
+        return (
+            self._key,
+            self._variant,
+            self._status,
+            self._reason,
+            self._headers,
+            self._request_time,
+            self._response_time,
+            self._name,
+            self.written,
+        )
+
+    async def _fail(self, exc: BaseException) -> None:
+        self._store._storing_failed(exc)
+        await self._discard()
+
+    async def _discard(self) -> None:
+        self._state = _ABORTED
+        self._whole = None
+        fd, self._fd = self._fd, -1
+        path = self._final_path if self._renamed else self._tmp_path
+        with trio.CancelScope(shield=True):
+            await self._store._io(lambda: _unlink_and_close(path, fd))
 
     async def abort(self) -> None:
-        raise NotImplementedError
+        if self._state in (_WRITING, _COMMITTING):
+            await self._discard()
+
+    def __del__(self) -> None:
+        # Dropped without commit/abort: release the lock; the temp file is swept at next open.
+        if getattr(self, "_fd", -1) >= 0:
+            _close_quiet(self._fd)
+            self._fd = -1
 
 
-class BodyReader:
-    async def read(self, offset: int, size: int) -> bytes:
-        """Up to ``size`` bytes at ``offset`` (b"" at the current end)."""
-        raise NotImplementedError
+def _remove_files(paths: list[str], fd: int) -> None:
+    for path in paths:
+        _unlink_quiet(path)
+    if fd >= 0:
+        os.close(fd)
 
-    def cached(self) -> bytes | None:
-        """The whole body when it is held in memory (small, hot entries), else None."""
-        raise NotImplementedError
 
-    async def aclose(self) -> None:
-        raise NotImplementedError
+# --- the store ------------------------------------------------------------------------------
 
 
 class CacheStore:
+    """The on-disk store (see the module docstring). Open with ``await CacheStore.open(...)``."""
+
+    def __init__(
+        self,
+        directory: Path,
+        opened: _Opened,
+        db_limiter: trio.CapacityLimiter,
+        *,
+        max_size: int,
+        max_object_size: int,
+        memory_object_size: int,
+        memory_size: int,
+        pause_interval: float,
+        busy_timeout: float,
+        touch_interval: float,
+        touch_batch: int,
+    ) -> None:
+        self.directory = directory
+        self._dir = str(directory)
+        self._tmp = os.path.join(self._dir, "tmp")
+        self._bodies = os.path.join(self._dir, "bodies")
+        self._conn = opened.conn
+        self._data_version = opened.data_version
+        self._totals = opened.totals
+        self._db_limiter = db_limiter
+        self._io_limiter = trio.CapacityLimiter(IO_THREADS)
+        self._max_size = max_size
+        # One object may never be larger than the whole cache.
+        self._max_object = min(max_object_size, max_size)
+        self._memory_object_size = memory_object_size if memory_size > 0 else 0
+        self._memory_size = memory_size
+        self._pause_interval = pause_interval
+        self._busy_timeout = busy_timeout
+        self._busy_ms = int(busy_timeout * 1000)
+        self._touch_interval = touch_interval
+        self._touch_batch = touch_batch
+        self._rows: dict[str, tuple[Entry, ...]] = {}
+        self._mem: OrderedDict[str, bytes] = OrderedDict()
+        self._mem_bytes = 0
+        self._touches: dict[int, float] = {}
+        self._last_flush = time.time()
+        self._flushing: trio.Event | None = None
+        self._evictions = 0
+        self._errors = 0
+        self._paused = False
+        self._paused_until = 0.0
+        self._closed = False
+        self._last_log = -_LOG_EVERY
+
     @classmethod
     async def open(
         cls,
@@ -83,11 +872,263 @@ class CacheStore:
         max_object_size: int,
         memory_object_size: int,
         memory_size: int,
+        pause_interval: float = PAUSE_INTERVAL,
+        busy_timeout: float = BUSY_TIMEOUT,
+        touch_interval: float = TOUCH_INTERVAL,
+        touch_batch: int = TOUCH_BATCH,
     ) -> CacheStore:
-        raise NotImplementedError
+        """Open (creating) the store in ``directory``; sweeps orphans. A corrupt index is set
+        aside and rebuilt; raises StoreError only when the directory cannot be used at all
+        (permissions, I/O errors, the index locked for ``busy_timeout``)."""
+        limiter = trio.CapacityLimiter(1)
+        busy_ms = int(busy_timeout * 1000)
+        try:
+            opened = await trio.to_thread.run_sync(
+                _open_sync, str(directory), busy_ms, limiter=limiter
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the cache in {directory}: {exc}") from exc
+        directory = Path(opened.directory)
+        if opened.swept:
+            logger.info("cache: removed %d orphaned body files in %s", opened.swept, directory)
+        return cls(
+            directory,
+            opened,
+            limiter,
+            max_size=max_size,
+            max_object_size=max_object_size,
+            memory_object_size=memory_object_size,
+            memory_size=memory_size,
+            pause_interval=pause_interval,
+            busy_timeout=busy_timeout,
+            touch_interval=touch_interval,
+            touch_batch=touch_batch,
+        )
+
+    # --- threads ----------------------------------------------------------------------------
+
+    async def _db(self, fn: Callable[[], _T]) -> _T:
+        return await trio.to_thread.run_sync(fn, limiter=self._db_limiter)
+
+    async def _io(self, fn: Callable[[], _T]) -> _T:
+        return await trio.to_thread.run_sync(fn, limiter=self._io_limiter)
+
+    def _sync_version(self) -> None:
+        """Holding the connection: drop the memory copy when another connection committed."""
+        (version,) = self._conn.execute("PRAGMA data_version").fetchone()
+        if version != self._data_version:
+            self._rows.clear()
+            self._data_version = version
+
+    def _remember(self, key: str, entries: tuple[Entry, ...]) -> None:
+        rows = self._rows
+        if key not in rows and len(rows) >= INDEX_MEMORY_KEYS:
+            with suppress(StopIteration, KeyError, RuntimeError):
+                del rows[next(iter(rows))]
+        rows[key] = entries
+
+    @contextmanager
+    def _immediate(self) -> Iterator[sqlite3.Connection]:
+        """In a thread: one write transaction (raises _Busy when the lock is not had in one
+        slice, so the caller can back off without holding the connection)."""
+        conn = self._conn
+        self._sync_version()
+        conn.execute(f"PRAGMA busy_timeout = {BEGIN_SLICE_MS}")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):
+                raise _Busy from exc
+            raise
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+        try:
+            self._sync_version()
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                with suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
+
+    async def _write(self, fn: Callable[[], _T]) -> _T:
+        """Run a write transaction, retrying with jittered backoff while other processes hold
+        the write lock, for at most busy_timeout in all."""
+        deadline = trio.current_time() + self._busy_timeout
+        delay = 0.002
+        while True:
+            try:
+                return await self._db(fn)
+            except _Busy:
+                if trio.current_time() >= deadline:
+                    raise _BusyTimeout("the cache index stayed locked by other processes") from None
+                await trio.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, 0.2)
+
+    def _entries(self, key: str, rows: list[_Row]) -> tuple[Entry, ...]:
+        out: list[Entry] = []
+        for entry_id, variant, status, reason, blob, rq, rs, name, size in rows:
+            try:
+                headers = decode_headers(blob)
+            except ValueError:
+                logger.error("cache: entry %d of %r has damaged headers; skipped", entry_id, key)
+                continue
+            stored = Stored(status, headers, rq, rs, bytes(variant), size)
+            out.append(Entry(entry_id, key, stored, bytes(reason), name))
+        return tuple(out)
+
+    def _read_sync(self, key: str) -> tuple[Entry, ...]:
+        self._sync_version()
+        entries = self._entries(key, self._conn.execute(_SELECT_KEY, (key,)).fetchall())
+        self._remember(key, entries)
+        return entries
+
+    def _apply_touches(self, conn: sqlite3.Connection, touches: dict[int, float]) -> None:
+        if touches:
+            conn.executemany(_TOUCH, [(when, entry_id) for entry_id, when in touches.items()])
+
+    def _totals_sync(self, conn: sqlite3.Connection) -> tuple[int, int]:
+        entries, size = conn.execute("SELECT entries, bytes FROM totals WHERE id = 0").fetchone()
+        return int(entries), int(size)
+
+    def _commit_sync(
+        self,
+        values: tuple[str, bytes, int, bytes, tuple[Header, ...], float, float, str, int],
+        touches: dict[int, float],
+    ) -> tuple[Entry, list[str]]:
+        key, variant, status, reason, headers, rq, rs, name, size = values
+        doomed: list[tuple[str, str]] = []
+        with self._immediate() as conn:
+            self._apply_touches(conn, touches)
+            # One entry per (key, variant): the new row replaces the old one.
+            for old_id, old_name in conn.execute(
+                "SELECT id, body_name FROM entries WHERE key = ? AND variant = ?", (key, variant)
+            ).fetchall():
+                conn.execute("DELETE FROM entries WHERE id = ?", (old_id,))
+                doomed.append((key, old_name))
+            cursor = conn.execute(
+                _INSERT,
+                (
+                    key,
+                    variant,
+                    status,
+                    reason,
+                    encode_headers(headers),
+                    rq,
+                    rs,
+                    name,
+                    size,
+                    time.time(),
+                ),
+            )
+            entry_id = cursor.lastrowid
+            evicted = self._evict_sync(conn, entry_id, doomed)
+            rows = self._entries(key, conn.execute(_SELECT_KEY, (key,)).fetchall())
+            totals = self._totals_sync(conn)
+        self._totals = totals
+        self._evictions += evicted
+        self._remember(key, rows)
+        for doomed_key, _ in doomed:
+            if doomed_key != key:
+                self._rows.pop(doomed_key, None)
+        entry = next(e for e in rows if e.entry_id == entry_id)
+        return entry, [doomed_name for _, doomed_name in doomed]
+
+    def _evict_sync(
+        self, conn: sqlite3.Connection, keep: int | None, doomed: list[tuple[str, str]]
+    ) -> int:
+        """Delete least recently used rows (never ``keep``) until the total fits max_size."""
+        (total,) = conn.execute("SELECT bytes FROM totals WHERE id = 0").fetchone()
+        evicted = 0
+        while total > self._max_size:
+            victims = conn.execute(
+                "SELECT id, key, body_name, body_size FROM entries WHERE id != ?"
+                " ORDER BY access_time, id LIMIT 64",
+                (-1 if keep is None else keep,),
+            ).fetchall()
+            if not victims:
+                break
+            for victim_id, victim_key, victim_name, victim_size in victims:
+                if total <= self._max_size:
+                    break
+                conn.execute("DELETE FROM entries WHERE id = ?", (victim_id,))
+                total -= victim_size
+                evicted += 1
+                doomed.append((victim_key, victim_name))
+        return evicted
+
+    def _after_commit(self, entry: Entry, doomed: list[str], whole: bytes | None) -> None:
+        for name in doomed:
+            self._mem_drop(name)
+        if whole is not None:
+            self._mem_put(entry.body_name, whole)
+        if self._paused:
+            self._paused = False
+            logger.warning("cache: storing resumed")
+
+    # --- memory tier ------------------------------------------------------------------------
+
+    def _mem_put(self, name: str, data: bytes) -> None:
+        if len(data) > self._memory_object_size or name in self._mem:
+            return
+        self._mem[name] = data
+        self._mem_bytes += len(data)
+        while self._mem_bytes > self._memory_size and self._mem:
+            _, dropped = self._mem.popitem(last=False)
+            self._mem_bytes -= len(dropped)
+
+    def _mem_drop(self, name: str) -> None:
+        data = self._mem.pop(name, None)
+        if data is not None:
+            self._mem_bytes -= len(data)
+
+    # --- errors -----------------------------------------------------------------------------
+
+    def _storing_failed(self, exc: BaseException) -> None:
+        self._errors += 1
+        if isinstance(exc, _BusyTimeout):
+            self._log_limited("cache: entry not stored: %s", exc)
+            return
+        self._paused_until = trio.current_time() + self._pause_interval
+        if not self._paused:
+            self._paused = True
+            logger.warning(
+                "cache: storing paused after %s: %s (responses are still relayed; next try in"
+                " %.0f s)",
+                type(exc).__name__,
+                exc,
+                self._pause_interval,
+            )
+
+    def _index_failed(self, what: str, exc: BaseException) -> None:
+        self._errors += 1
+        self._log_limited("cache: %s failed: %s: %s", what, type(exc).__name__, exc)
+
+    def _log_limited(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last_log >= _LOG_EVERY:
+            self._last_log = now
+            logger.error(message, *args)
+
+    # --- public API -------------------------------------------------------------------------
 
     async def lookup(self, key: str) -> list[Entry]:
-        raise NotImplementedError
+        """Every stored variant of ``key``, newest first. A database error is a miss."""
+        if self._closed:
+            return []
+        try:
+            if self._db_limiter.borrowed_tokens == 0:
+                # Nobody holds the connection, so the loop may use it for this one cheap
+                # statement (WAL index in shared memory, no data pages).
+                self._sync_version()
+            entries = self._rows.get(key)
+            if entries is not None:
+                return list(entries)
+            return list(await self._db(lambda: self._read_sync(key)))
+        except sqlite3.Error as exc:
+            self._index_failed("lookup", exc)
+            return []
 
     async def begin(
         self,
@@ -101,28 +1142,226 @@ class CacheStore:
         expected_size: int | None,
     ) -> BodyWriter | None:
         """Start storing; None when storing is paused or the declared size is too large."""
-        raise NotImplementedError
+        if self._closed:
+            return None
+        if expected_size is not None and expected_size > self._max_object:
+            return None
+        probe = self._paused
+        if probe and trio.current_time() < self._paused_until:
+            return None
+        need = max(expected_size or 0, WRITE_CHUNK)
+        try:
+            token, fd = await self._io(lambda: self._create_temp(need if probe else 0))
+        except OSError as exc:
+            self._storing_failed(exc)
+            return None
+        return BodyWriter(
+            self,
+            token,
+            fd,
+            key,
+            variant,
+            status,
+            reason,
+            tuple(headers),
+            request_time,
+            response_time,
+        )
+
+    def _create_temp(self, need: int) -> tuple[str, int]:
+        """In a thread: a new locked tmp/<token>.part (after a pause: only if there is room)."""
+        if need:
+            st = os.statvfs(self._tmp)
+            if st.f_bavail * st.f_frsize < need:
+                raise OSError(errno.ENOSPC, "still no room for the cache")
+        for _ in range(8):
+            token = uuid.uuid4().hex
+            path = os.path.join(self._tmp, token + ".part")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # A sweep may have locked and removed it between our create and our lock.
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    return token, fd
+            except OSError:
+                pass
+            os.close(fd)
+        raise OSError(errno.EAGAIN, "could not create a cache temp file")
 
     async def open_body(self, entry: Entry) -> BodyReader | None:
         """None when the entry's file is gone (evicted or purged since the lookup)."""
-        raise NotImplementedError
+        if self._closed:
+            return None
+        name = entry.body_name
+        data = self._mem.get(name)
+        if data is not None:
+            self._mem.move_to_end(name)
+            return BodyReader(self, data=data)
+        path = os.path.join(self._bodies, name)
+        size = entry.stored.body_size
+        small = size <= self._memory_object_size
+
+        def open_file() -> tuple[int, bytes | None]:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if os.fstat(fd).st_size != size:
+                    raise ValueError(f"body file {path} has the wrong size")
+                if small:
+                    return -1, _pread_all(fd, size)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd, None
+
+        try:
+            fd, data = await self._io(open_file)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            self._index_failed("opening a body", exc)
+            return None
+        if data is not None:
+            if len(data) != size:
+                return None
+            self._mem_put(name, data)
+            return BodyReader(self, data=data)
+        return BodyReader(self, fd=fd, size=size)
 
     async def update(
         self, entry: Entry, headers: list[Header], request_time: float, response_time: float
     ) -> Entry:
-        """§3.2/§4.3.4: store freshened headers and times of an entry after a 304."""
-        raise NotImplementedError
+        """§3.2/§4.3.4: store freshened headers and times of an entry after a 304.
+
+        Returns the updated entry (also when its row has gone meanwhile or the index failed:
+        the caller may still serve it)."""
+        stored = replace(
+            entry.stored,
+            headers=tuple(headers),
+            request_time=request_time,
+            response_time=response_time,
+        )
+        new = replace(entry, stored=stored)
+        if self._closed:
+            return new
+        blob = encode_headers(stored.headers)
+
+        def update_sync() -> None:
+            with self._immediate() as conn:
+                conn.execute(
+                    "UPDATE entries SET headers = ?, request_time = ?, response_time = ?,"
+                    " access_time = max(access_time, ?) WHERE id = ?",
+                    (blob, request_time, response_time, time.time(), entry.entry_id),
+                )
+                rows = self._entries(entry.key, conn.execute(_SELECT_KEY, (entry.key,)).fetchall())
+            self._remember(entry.key, rows)
+
+        try:
+            await self._write(update_sync)
+        except (sqlite3.Error, StoreError) as exc:
+            self._index_failed("update", exc)
+        return new
 
     async def invalidate(self, key: str) -> int:
         """Remove every variant of ``key`` (purge, §4.4 invalidation); returns how many."""
-        raise NotImplementedError
+        if self._closed:
+            return 0
+
+        def invalidate_sync() -> list[str]:
+            with self._immediate() as conn:
+                names = [
+                    name
+                    for (name,) in conn.execute(
+                        "SELECT body_name FROM entries WHERE key = ?", (key,)
+                    ).fetchall()
+                ]
+                if names:
+                    conn.execute("DELETE FROM entries WHERE key = ?", (key,))
+                totals = self._totals_sync(conn)
+            self._totals = totals
+            self._remember(key, ())
+            return names
+
+        try:
+            names = await self._write(invalidate_sync)
+        except (sqlite3.Error, StoreError) as exc:
+            self._index_failed("invalidate", exc)
+            return 0
+        for name in names:
+            self._mem_drop(name)
+        if names:
+            # Rows are committed; only now the files.
+            paths = [os.path.join(self._bodies, name) for name in names]
+            with trio.CancelScope(shield=True):
+                await self._io(lambda: _remove_files(paths, -1))
+        return len(names)
 
     def touch(self, entry: Entry) -> None:
         """Record a use (LRU); written to the index in batches."""
-        raise NotImplementedError
+        if self._closed:
+            return
+        now = time.time()
+        self._touches[entry.entry_id] = now
+        if entry.body_name in self._mem:
+            self._mem.move_to_end(entry.body_name)
+        if self._flushing is None and (
+            len(self._touches) >= self._touch_batch
+            or now - self._last_flush >= self._touch_interval
+        ):
+            self._flushing = trio.Event()
+            trio.lowlevel.spawn_system_task(self._flush_task, name="cache touch flush")
+
+    def _take_touches(self) -> dict[int, float]:
+        touches, self._touches = self._touches, {}
+        self._last_flush = time.time()
+        return touches
+
+    async def _flush_touches(self) -> None:
+        touches = self._take_touches()
+        if not touches:
+            return
+
+        def flush_sync() -> None:
+            with self._immediate() as conn:
+                self._apply_touches(conn, touches)
+                totals = self._totals_sync(conn)
+            self._totals = totals
+
+        try:
+            await self._write(flush_sync)
+        except (sqlite3.Error, StoreError) as exc:
+            self._index_failed("recording access times", exc)
+
+    async def _flush_task(self) -> None:
+        # A system task: nothing may escape it (it would crash the whole run).
+        try:
+            await self._flush_touches()
+        except Exception:
+            self._errors += 1
+            logger.exception("cache: flushing access times failed")
+        finally:
+            done, self._flushing = self._flushing, None
+            if done is not None:
+                done.set()
 
     def stats(self) -> StoreStats:
-        raise NotImplementedError
+        entries, size = self._totals
+        return StoreStats(
+            entries=entries,
+            bytes=size,
+            evictions=self._evictions,
+            errors=self._errors,
+            paused=self._paused,
+        )
 
     async def aclose(self) -> None:
-        raise NotImplementedError
+        if self._closed:
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True):
+            if self._flushing is not None:
+                await self._flushing.wait()
+            await self._flush_touches()
+            await self._db(self._conn.close)
+        self._rows.clear()
+        self._mem.clear()
+        self._mem_bytes = 0
