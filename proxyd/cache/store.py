@@ -5,7 +5,9 @@ Theory of operation
 
 Layout of the cache directory (one directory may be shared by several proxyd processes)::
 
-    index.sqlite          the index: one row per (key, variant), WAL mode, synchronous=NORMAL
+    index.sqlite          the index: one row per (key, variant), WAL mode, synchronous=NORMAL;
+                          row ids are AUTOINCREMENT (never reused), schema version 2 (a version
+                          1 index is upgraded in place at ``open``)
     bodies/xx/<token>     one file per entry, exactly the bytes received (still compressed)
     tmp/<token>.part      bodies being written
 
@@ -26,7 +28,11 @@ Writing a body (``begin`` -> ``write``... -> ``commit``)
 
 Removing (replace, evict, ``invalidate``)
     Always the row first (committed), then the file. A reader that already opened the file keeps
-    reading it (POSIX unlink semantics).
+    reading it (POSIX unlink semantics). ``invalidate`` also stops writers of the key that began
+    before it (RFC 9111 §4.4: a response on its way must not bring back what an unsafe method
+    invalidated): it counts itself on the loop before any await, and ``commit`` checks that count
+    in the same index operation as its insert, so no interleaving of the two lets the old
+    content back in (within this process; other processes' invalidations are not seen).
 
 Read-while-write
     ``BodyWriter.open_follower`` returns a reader holding a ``dup`` of the writer's descriptor, so
@@ -37,21 +43,56 @@ Read-while-write
 The event loop never touches the disk
     All SQLite work runs in worker threads under ``_db_limiter`` (one token: the store has one
     connection, ``check_same_thread=False``, used by one thread at a time), file work under
-    ``_io_limiter``. Reads of a body go in pieces of up to ``READ_CHUNK`` (1 MiB).
+    ``_io_limiter``. Reads of a body go in pieces of up to ``READ_CHUNK`` (1 MiB). Two exceptions,
+    both without disk access: ``PRAGMA data_version`` (below), and ``close(2)`` of a body file
+    that is still linked (it only drops a reference; the last close of an *unlinked* file frees
+    its blocks and pages, so that one goes to a thread).
+
+Reading a body (``open_body`` -> ``read``... -> ``aclose``)
+    A thread hop costs far more than reading 1 MiB from the page cache, so a body not held in
+    memory is opened with one hop that also reads ahead the first piece the caller will ask for
+    (``READ_CHUNK`` at ``offset``, bounded by ``length``); when that is the whole body the file
+    is closed in the same hop. A ``read`` inside the read-ahead returns it without a hop (sliced,
+    or the very object when asked for all of it); the reader lets it go once a read reaches its
+    end or reads elsewhere, so one reader holds at most READ_CHUNK. A read that comes back to it
+    later reads the file again (reopening it by path when it was closed at open). So a 1 MiB hit
+    is one hop in all, instead of three (open, read, close).
 
 The memory copy of the index (``_rows``)
     A hit should cost far less than a proxied miss, so rows already read are kept in memory per
-    key (also "no rows": a known miss). Other processes' commits are noticed through
-    ``PRAGMA data_version``: it changes when any *other* connection committed, costs about 3 us
-    and reads only the WAL index in shared memory, so ``lookup`` runs it on the loop thread when
-    the connection is idle. When it changed, the whole memory copy is dropped and keys are re-read
-    from SQLite in a thread. Every operation in a thread also re-checks it before touching the
-    index, and our own writes (which do not change our data_version) update the memory copy
-    directly, after their commit, while they still hold the connection. ``_rows`` is only ever
-    changed by whoever holds the connection (a thread under ``_db_limiter``, or the loop when no
-    token is borrowed), so updates apply in the order of the index operations. When the connection
-    is busy, ``lookup`` answers from the memory copy as of the in-flight operation's start (a
-    staleness of one index operation, in practice milliseconds).
+    key (also "no rows": a known miss). Our own writes (which do not change our data_version)
+    update the memory copy directly, after their commit, while they still hold the connection.
+    ``_rows`` and the key filter are only ever changed by whoever holds the connection (a thread
+    under ``_db_limiter``; the loop only reads them), so updates apply in the order of the index
+    operations. When the connection is busy, ``lookup`` answers from memory as of the in-flight
+    operation's start (a staleness of one index operation, in practice milliseconds).
+
+The key filter (a negative lookup costs no thread hop)
+    ``_keys`` holds ``hash(key)`` of every key in the index, and maybe of some no longer in it:
+    a superset, so a key not in it is not stored and ``lookup`` answers [] at once (a request for
+    a new URL skips SQLite). A key in it that is not (a hash collision, a deleted row) costs one
+    query, which also remembers the miss in ``_rows``. It is filled at ``open`` (every key, read
+    after ``data_version``), gains the key of each of our commits, and catches up with other
+    connections' commits by reading the rows with an id above the highest it has seen: rows never
+    change key and ids only grow (AUTOINCREMENT: a plain INTEGER PRIMARY KEY would hand the id of
+    a deleted newest row to the next insert, which the catch-up would then never see). Deletions
+    need nothing. The keys of deleted rows accumulate until the filter holds more than twice the
+    index's entries plus ``KEY_FILTER_SLACK``; then it is rebuilt from the index (in a thread,
+    never inside a write transaction). Memory: about 70 bytes per entry (an int in a set).
+
+Other processes' commits (``PRAGMA data_version``)
+    ``data_version`` changes when any *other* connection committed; it costs about 3-5 us and
+    reads only the WAL index in shared memory, so ``lookup`` runs it on the loop when no thread
+    holds the connection. When it changed, ``_behind`` is set and lookups go to a thread, where
+    ``_sync_version`` drops the memory copy of rows, adds the new rows' keys to the filter (and
+    refreshes the totals) before the query. Every operation in a thread does the same before
+    touching the index; inside ``BEGIN IMMEDIATE`` that makes our commit's id the highest one
+    seen. The check is shared by lookups in a burst: a lookup skips it when the previous lookup
+    came less than ``version_check_interval / 5`` earlier and the last check is less than
+    ``version_check_interval`` (``VERSION_CHECK_INTERVAL``, 5 ms) old. So under load a lookup
+    may be up to 5 ms stale with respect to other processes' commits (as if the request had come
+    5 ms earlier); a process that is not busy checks on every lookup, and our own commits are
+    always visible at once. ``version_check_interval=0`` checks on every lookup.
 
 The memory tier of bodies
     Bodies up to ``memory_object_size`` are kept in an LRU of at most ``memory_size`` bytes,
@@ -86,6 +127,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import math
 import os
 import random
 import sqlite3
@@ -107,7 +149,9 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-SCHEMA_VERSION: Final = 1
+#: 2: ``entries.id`` is AUTOINCREMENT (ids are never reused; the key filter depends on it).
+#: An index of version 1 is upgraded in place at ``open``.
+SCHEMA_VERSION: Final = 2
 #: Writes are buffered to at least this much before a thread hop.
 WRITE_CHUNK: Final = 256 << 10
 #: Largest piece one ``BodyReader.read`` returns from a file.
@@ -123,6 +167,15 @@ TOUCH_INTERVAL: Final = 5.0
 TOUCH_BATCH: Final = 1000
 #: Bound on the keys held in the memory copy of the index (oldest inserted go first).
 INDEX_MEMORY_KEYS: Final = 100_000
+#: ``lookup`` asks SQLite whether another process committed at most this often while lookups
+#: come in a burst (see "Other processes' commits" in the module docstring).
+VERSION_CHECK_INTERVAL: Final = 0.005
+#: The key filter is rebuilt from the index when it holds more than twice the index's entries
+#: plus this many (keys of deleted rows stay in it until then).
+KEY_FILTER_SLACK: Final = 4096
+#: Keys whose latest invalidation is remembered for writers still on their way (beyond it,
+#: writers begun before the oldest forgotten one are not kept).
+INVALIDATED_MEMORY: Final = 10_000
 #: Worker threads for body files (the index has its own single one).
 IO_THREADS: Final = 4
 _SWEEP_BATCH: Final = 256
@@ -149,9 +202,12 @@ _COLUMNS: Final = (
 
 # totals is kept by triggers so the size check of every commit is one row read, not a scan;
 # body_size never changes after insert (update() only rewrites headers and times).
-_SCHEMA: Final = f"""
-CREATE TABLE entries (
-    id INTEGER PRIMARY KEY,
+# AUTOINCREMENT: a plain INTEGER PRIMARY KEY hands out max(id) + 1, so the id of a deleted newest
+# row would be reused; the key filter's top-up ("rows with an id above the highest seen") needs ids
+# that only ever grow.
+_ENTRIES_TABLE: Final = """
+CREATE TABLE {name} (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     key TEXT NOT NULL,
     variant BLOB NOT NULL,
     status INTEGER NOT NULL,
@@ -163,22 +219,44 @@ CREATE TABLE entries (
     body_size INTEGER NOT NULL,
     access_time REAL NOT NULL
 );
+"""
+_ENTRIES_EXTRAS: Final = """
 CREATE UNIQUE INDEX entries_key_variant ON entries (key, variant);
 CREATE INDEX entries_lru ON entries (access_time);
-CREATE TABLE totals (
-    id INTEGER PRIMARY KEY CHECK (id = 0),
-    entries INTEGER NOT NULL,
-    bytes INTEGER NOT NULL
-);
-INSERT INTO totals VALUES (0, 0, 0);
 CREATE TRIGGER entries_added AFTER INSERT ON entries BEGIN
     UPDATE totals SET entries = entries + 1, bytes = bytes + NEW.body_size WHERE id = 0;
 END;
 CREATE TRIGGER entries_removed AFTER DELETE ON entries BEGIN
     UPDATE totals SET entries = entries - 1, bytes = bytes - OLD.body_size WHERE id = 0;
 END;
-PRAGMA user_version = {SCHEMA_VERSION};
 """
+_SCHEMA: Final = (
+    _ENTRIES_TABLE.format(name="entries")
+    + """
+CREATE TABLE totals (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    entries INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+);
+INSERT INTO totals VALUES (0, 0, 0);
+"""
+    + _ENTRIES_EXTRAS
+    + f"PRAGMA user_version = {SCHEMA_VERSION};\n"
+)
+# Version 1 -> 2: the same rows in a table whose ids are AUTOINCREMENT (SQLite cannot alter a
+# column, so the table is rebuilt; DROP TABLE fires no triggers, so totals stay right). Ids are
+# kept, and sqlite_sequence starts at the highest of them.
+_UPGRADE_FROM_1: Final = (
+    "BEGIN IMMEDIATE;\n"
+    + _ENTRIES_TABLE.format(name="entries_v2")
+    + """
+INSERT INTO entries_v2 SELECT * FROM entries;
+DROP TABLE entries;
+ALTER TABLE entries_v2 RENAME TO entries;
+"""
+    + _ENTRIES_EXTRAS
+    + "PRAGMA user_version = 2;\nCOMMIT;\n"
+)
 
 _SELECT_KEY: Final = (
     "SELECT id, variant, status, reason, headers, request_time, response_time, body_name,"
@@ -287,16 +365,36 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         offset += done
 
 
-def _pread_all(fd: int, size: int) -> bytes:
+def _pread_all(fd: int, size: int, start: int = 0) -> bytes:
+    """``size`` bytes at ``start`` (fewer at the end of the file)."""
     parts: list[bytes] = []
-    offset = 0
-    while offset < size:
-        piece = os.pread(fd, min(size - offset, READ_CHUNK), offset)
+    done = 0
+    while done < size:
+        piece = os.pread(fd, min(size - done, READ_CHUNK), start + done)
         if not piece:
             break
         parts.append(piece)
-        offset += len(piece)
-    return b"".join(parts)
+        done += len(piece)
+    return b"".join(parts)  # one piece: returned as is, no copy
+
+
+def _open_and_read(path: str, size: int, start: int, ahead: int, keep: bool) -> tuple[int, bytes]:
+    """In a thread: open a body file, check its size, read ``ahead`` bytes at ``start``.
+
+    Returns the descriptor (-1 when closed here: ``keep`` is false or the whole body was read,
+    so nothing is left to read from the file) and the bytes read."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if os.fstat(fd).st_size != size:
+            raise ValueError(f"body file {path} has the wrong size")
+        data = _pread_all(fd, ahead, start) if ahead > 0 else b""
+    except BaseException:
+        os.close(fd)
+        raise
+    if keep and not (start == 0 and len(data) == size):
+        return fd, data
+    os.close(fd)
+    return -1, data
 
 
 def _fsync_dir(path: str) -> None:
@@ -354,6 +452,18 @@ def _body_names(conn: sqlite3.Connection) -> set[str]:
     return {name for (name,) in conn.execute("SELECT body_name FROM entries")}
 
 
+def _read_keys(conn: sqlite3.Connection, above: int = 0) -> tuple[set[int], int]:
+    """The key filter's content: hash() of the key of every row with an id above ``above``,
+    and the highest id among them (``above`` when there are none)."""
+    keys: set[int] = set()
+    top = above
+    for entry_id, key in conn.execute("SELECT id, key FROM entries WHERE id > ?", (above,)):
+        keys.add(hash(key))
+        if entry_id > top:
+            top = entry_id
+    return keys, top
+
+
 def _connect(path: str, busy_ms: int) -> tuple[sqlite3.Connection, set[str]]:
     """Open, configure and validate the index (creating the schema in an empty file); returns
     the connection and the body names it holds. Raises on an unusable index."""
@@ -381,6 +491,12 @@ def _connect(path: str, busy_ms: int) -> tuple[sqlite3.Connection, set[str]]:
         else:
             (version,) = conn.execute("PRAGMA user_version").fetchone()
             columns = tuple(row[1] for row in conn.execute("PRAGMA table_info(entries)"))
+            if version == 1 and columns == _COLUMNS and "totals" in tables:
+                # Another process may still be running version 1 code on this index: the
+                # upgrade is one write transaction, and its statements re-prepare after it.
+                conn.executescript(_UPGRADE_FROM_1)
+                logger.info("cache: index %s upgraded to schema version 2", path)
+                version = 2
             if version != SCHEMA_VERSION or columns != _COLUMNS or "totals" not in tables:
                 raise _WrongSchema(f"schema version {version}, tables {sorted(tables)}")
         if conn.execute("SELECT entries, bytes FROM totals WHERE id = 0").fetchone() is None:
@@ -462,6 +578,8 @@ class _Opened:
     data_version: int
     totals: tuple[int, int]
     swept: int
+    keys: set[int]  # the key filter (hash() of every key in the index)
+    max_id: int  # the highest entry id the filter has seen
 
 
 def _open_sync(directory: str, busy_ms: int) -> _Opened:
@@ -492,14 +610,19 @@ def _open_sync(directory: str, busy_ms: int) -> _Opened:
             conn, known = _connect(index, busy_ms)
         try:
             swept = _sweep(conn, tmp, bodies, known)
+            # The version first: a commit after this read makes the next check see a change,
+            # so the key filter read below can only miss rows that a top-up will bring.
             (version,) = conn.execute("PRAGMA data_version").fetchone()
+            keys, max_id = _read_keys(conn)
             entries, size = conn.execute(
                 "SELECT entries, bytes FROM totals WHERE id = 0"
             ).fetchone()
         except BaseException:
             conn.close()
             raise
-        return _Opened(directory, conn, int(version), (int(entries), int(size)), swept)
+        return _Opened(
+            directory, conn, int(version), (int(entries), int(size)), swept, keys, max_id
+        )
     finally:
         os.close(dir_fd)
 
@@ -510,10 +633,13 @@ def _open_sync(directory: str, busy_ms: int) -> _Opened:
 class BodyReader:
     """Reads one body: from memory (small, hot entries), a file, or a writer still writing.
 
+    A reader from ``open_body`` starts with the bytes read ahead when the file was opened: a
+    ``read`` inside them is answered at once, and they are let go as soon as a read reaches
+    their end (or reads elsewhere), so a reader holds at most one read-ahead (READ_CHUNK).
     ``read`` raises StoreError when the file cannot be read (gone before it was opened, I/O).
     """
 
-    __slots__ = ("_data", "_fd", "_path", "_size", "_store", "_writer")
+    __slots__ = ("_data", "_fd", "_head", "_head_at", "_path", "_size", "_store", "_writer")
 
     def __init__(
         self,
@@ -524,6 +650,8 @@ class BodyReader:
         path: str | None = None,
         size: int | None = None,
         writer: BodyWriter | None = None,
+        head: bytes | None = None,
+        head_at: int = 0,
     ) -> None:
         self._store = store
         self._data = data
@@ -531,6 +659,8 @@ class BodyReader:
         self._path = path
         self._size = size
         self._writer = writer
+        self._head = head or None
+        self._head_at = head_at
 
     async def read(self, offset: int, size: int) -> bytes:
         """Up to ``size`` bytes at ``offset`` (b"" at the current end)."""
@@ -538,6 +668,16 @@ class BodyReader:
         if data is not None:
             return data[offset : offset + size]
         size = min(size, READ_CHUNK)
+        head = self._head
+        if head is not None:
+            at = offset - self._head_at
+            if 0 <= at < len(head) and size > 0:
+                piece = head[at : at + size]  # the whole head when asked for all of it: no copy
+                if at + len(piece) >= len(head):
+                    self._head = None  # consumed: do not hold it while the client is slow
+                return piece
+            if size > 0:
+                self._head = None  # reading elsewhere: it will not be used
         writer = self._writer
         if writer is not None:
             in_file = writer._file_end
@@ -569,11 +709,24 @@ class BodyReader:
         return self._data
 
     async def aclose(self) -> None:
+        """Release the descriptor; no thread hop (and no checkpoint) for a body file that is
+        still linked: close(2) then only drops a reference. Closing the last descriptor of an
+        unlinked file frees its blocks and cached pages, which can take a while for a large
+        one: that close runs in a worker thread."""
         fd, self._fd = self._fd, -1
         self._path = None
-        if fd >= 0:
-            with trio.CancelScope(shield=True):
-                await self._store._io(lambda: _close_quiet(fd))
+        self._head = None
+        if fd < 0:
+            return
+        try:
+            linked = os.fstat(fd).st_nlink > 0
+        except OSError:
+            linked = True
+        if linked:
+            _close_quiet(fd)
+            return
+        with trio.CancelScope(shield=True):
+            await self._store._io(lambda: _close_quiet(fd))
 
     def __del__(self) -> None:
         # Safety net for a reader dropped without aclose(): never leak the descriptor.
@@ -594,7 +747,8 @@ class BodyWriter:
     Call ``commit`` or ``abort`` exactly once at the end (``abort`` in a ``finally`` is safe:
     after ``commit`` it does nothing). A ``write`` that raises StoreError has already aborted.
     Bytes beyond ``max_object_size`` are still written (followers may be reading them), but
-    ``commit`` then drops the body and returns None.
+    ``commit`` then drops the body and returns None; so it does when the key was invalidated
+    since ``begin``.
     """
 
     #: bytes written so far (followers may read up to here)
@@ -612,9 +766,12 @@ class BodyWriter:
         headers: tuple[Header, ...],
         request_time: float,
         response_time: float,
+        begun: int = 0,
     ) -> None:
         self.written = 0
         self._store = store
+        #: the store's invalidation count when ``begin`` was called
+        self._begun = begun
         self._token = token
         self._fd = fd
         self._tmp_path = os.path.join(store._tmp, token + ".part")
@@ -747,13 +904,18 @@ class BodyWriter:
             self._landed()
             touches = store._take_touches()
             entry_values = self._entry_values()
+            begun = self._begun
             try:
-                entry, doomed = await store._write(
-                    lambda: store._commit_sync(entry_values, touches)
+                committed = await store._write(
+                    lambda: store._commit_sync(entry_values, touches, begun)
                 )
             except (sqlite3.Error, StoreError) as exc:
                 await self._fail(exc)
                 return None
+            if committed is None:
+                await self._discard()  # invalidated on its way: not an error
+                return None
+            entry, doomed = committed
             # Committed: now the replaced and evicted files may go, and our lock with them.
             fd, self._fd = self._fd, -1
             doomed_paths = [os.path.join(store._bodies, name) for name in doomed]
@@ -830,6 +992,7 @@ class CacheStore:
         busy_timeout: float,
         touch_interval: float,
         touch_batch: int,
+        version_check_interval: float,
     ) -> None:
         self.directory = directory
         self._dir = str(directory)
@@ -851,11 +1014,25 @@ class CacheStore:
         self._touch_interval = touch_interval
         self._touch_batch = touch_batch
         self._rows: dict[str, tuple[Entry, ...]] = {}
+        #: the key filter: hash() of every key in the index (and of some no longer in it)
+        self._keys = opened.keys
+        self._max_id = opened.max_id
+        #: another connection committed and no thread has caught up with it yet
+        self._behind = False
+        self._check_interval = version_check_interval
+        self._burst_gap = version_check_interval / 5
+        self._checked_at = -math.inf
+        self._last_lookup = -math.inf
         self._mem: OrderedDict[str, bytes] = OrderedDict()
         self._mem_bytes = 0
         self._touches: dict[int, float] = {}
         self._last_flush = time.time()
         self._flushing: trio.Event | None = None
+        #: invalidate() calls so far, and the count at each key's latest one (bounded; when
+        #: one is forgotten, the floor rises to its count: see _invalidated_since)
+        self._invalidations = 0
+        self._invalidated: dict[str, int] = {}
+        self._invalidated_floor = 0
         self._evictions = 0
         self._errors = 0
         self._paused = False
@@ -876,10 +1053,14 @@ class CacheStore:
         busy_timeout: float = BUSY_TIMEOUT,
         touch_interval: float = TOUCH_INTERVAL,
         touch_batch: int = TOUCH_BATCH,
+        version_check_interval: float = VERSION_CHECK_INTERVAL,
     ) -> CacheStore:
         """Open (creating) the store in ``directory``; sweeps orphans. A corrupt index is set
         aside and rebuilt; raises StoreError only when the directory cannot be used at all
-        (permissions, I/O errors, the index locked for ``busy_timeout``)."""
+        (permissions, I/O errors, the index locked for ``busy_timeout``).
+
+        ``version_check_interval``: how stale a lookup may be with respect to other processes'
+        commits while lookups come in a burst (0: never; see the module docstring)."""
         limiter = trio.CapacityLimiter(1)
         busy_ms = int(busy_timeout * 1000)
         try:
@@ -903,6 +1084,7 @@ class CacheStore:
             busy_timeout=busy_timeout,
             touch_interval=touch_interval,
             touch_batch=touch_batch,
+            version_check_interval=version_check_interval,
         )
 
     # --- threads ----------------------------------------------------------------------------
@@ -914,11 +1096,30 @@ class CacheStore:
         return await trio.to_thread.run_sync(fn, limiter=self._io_limiter)
 
     def _sync_version(self) -> None:
-        """Holding the connection: drop the memory copy when another connection committed."""
-        (version,) = self._conn.execute("PRAGMA data_version").fetchone()
+        """In a thread, holding the connection: catch up with other connections' commits (drop
+        the memory copy of rows, add their new keys to the key filter); rebuild the key filter
+        when it holds too many keys of deleted rows."""
+        conn = self._conn
+        (version,) = conn.execute("PRAGMA data_version").fetchone()
         if version != self._data_version:
             self._rows.clear()
+            # Rows are never updated to another key and ids only grow (AUTOINCREMENT), so the
+            # rows committed since the last look are exactly those above the highest id seen.
+            # Deletions need nothing: a key left in the filter only costs one query.
+            keys, top = _read_keys(conn, self._max_id)
+            self._keys.update(keys)
+            self._max_id = top
+            self._totals = self._totals_sync(conn)
             self._data_version = version
+        self._behind = False
+        if (
+            len(self._keys) > 2 * self._totals[0] + KEY_FILTER_SLACK
+            and not conn.in_transaction  # never while holding the write lock
+        ):
+            # The version was read above: commits after this scan show up as a change.
+            keys, top = _read_keys(conn)
+            self._keys = keys
+            self._max_id = max(self._max_id, top)
 
     def _remember(self, key: str, entries: tuple[Entry, ...]) -> None:
         rows = self._rows
@@ -992,15 +1193,29 @@ class CacheStore:
         entries, size = conn.execute("SELECT entries, bytes FROM totals WHERE id = 0").fetchone()
         return int(entries), int(size)
 
+    def _invalidated_since(self, key: str, begun: int) -> bool:
+        """Whether ``invalidate(key)`` was called after a writer that began at ``begun`` (or
+        that can no longer be told: invalidations forgotten to bound memory count as such)."""
+        return self._invalidated.get(key, 0) > begun or self._invalidated_floor > begun
+
     def _commit_sync(
         self,
         values: tuple[str, bytes, int, bytes, tuple[Header, ...], float, float, str, int],
         touches: dict[int, float],
-    ) -> tuple[Entry, list[str]]:
+        begun: int,
+    ) -> tuple[Entry, list[str]] | None:
+        """In a thread: index a finished body; None (nothing inserted) when its key was
+        invalidated since the writer began."""
         key, variant, status, reason, headers, rq, rs, name, size = values
         doomed: list[tuple[str, str]] = []
         with self._immediate() as conn:
             self._apply_touches(conn, touches)
+            # RFC 9111 §4.4: a response on its way when an unsafe method (or a purge) invalidated
+            # its URI must not bring the old content back. Checked here, in the same
+            # serialized index operation as the insert: an invalidate() called before this
+            # point is seen, one called after deletes the row this inserts.
+            if self._invalidated_since(key, begun):
+                return None
             # One entry per (key, variant): the new row replaces the old one.
             for old_id, old_name in conn.execute(
                 "SELECT id, body_name FROM entries WHERE key = ? AND variant = ?", (key, variant)
@@ -1029,6 +1244,11 @@ class CacheStore:
         self._totals = totals
         self._evictions += evicted
         self._remember(key, rows)
+        self._keys.add(hash(key))
+        # _immediate caught up with every other commit inside this transaction, before our
+        # insert: no unseen row has an id below ours.
+        if entry_id is not None:
+            self._max_id = max(self._max_id, entry_id)
         for doomed_key, _ in doomed:
             if doomed_key != key:
                 self._rows.pop(doomed_key, None)
@@ -1114,17 +1334,35 @@ class CacheStore:
     # --- public API -------------------------------------------------------------------------
 
     async def lookup(self, key: str) -> list[Entry]:
-        """Every stored variant of ``key``, newest first. A database error is a miss."""
+        """Every stored variant of ``key``, newest first. A database error is a miss.
+
+        No thread hop for a key in the memory copy or not in the key filter; may be up to
+        ``version_check_interval`` stale with respect to other processes' commits while
+        lookups come in a burst (our own commits are always seen at once)."""
         if self._closed:
             return []
         try:
-            if self._db_limiter.borrowed_tokens == 0:
+            now = time.monotonic()
+            quiet = now - self._last_lookup >= self._burst_gap
+            self._last_lookup = now
+            if (
+                not self._behind
+                and (quiet or now - self._checked_at >= self._check_interval)
+                and self._db_limiter.borrowed_tokens == 0
+            ):
                 # Nobody holds the connection, so the loop may use it for this one cheap
-                # statement (WAL index in shared memory, no data pages).
-                self._sync_version()
-            entries = self._rows.get(key)
-            if entries is not None:
-                return list(entries)
+                # statement (WAL index in shared memory, no data pages). Catching up needs
+                # data pages: a thread does it (_sync_version), on this lookup's way.
+                self._checked_at = now
+                (version,) = self._conn.execute("PRAGMA data_version").fetchone()
+                if version != self._data_version:
+                    self._behind = True
+            if not self._behind:
+                entries = self._rows.get(key)
+                if entries is not None:
+                    return list(entries)
+                if hash(key) not in self._keys:
+                    return []  # never stored (or long gone): no need to ask SQLite
             return list(await self._db(lambda: self._read_sync(key)))
         except sqlite3.Error as exc:
             self._index_failed("lookup", exc)
@@ -1150,6 +1388,7 @@ class CacheStore:
         if probe and trio.current_time() < self._paused_until:
             return None
         need = max(expected_size or 0, WRITE_CHUNK)
+        begun = self._invalidations  # before any await: see _invalidated_since
         try:
             token, fd = await self._io(lambda: self._create_temp(need if probe else 0))
         except OSError as exc:
@@ -1166,6 +1405,7 @@ class CacheStore:
             tuple(headers),
             request_time,
             response_time,
+            begun,
         )
 
     def _create_temp(self, need: int) -> tuple[str, int]:
@@ -1188,8 +1428,16 @@ class CacheStore:
             os.close(fd)
         raise OSError(errno.EAGAIN, "could not create a cache temp file")
 
-    async def open_body(self, entry: Entry) -> BodyReader | None:
-        """None when the entry's file is gone (evicted or purged since the lookup)."""
+    async def open_body(
+        self, entry: Entry, *, offset: int = 0, length: int | None = None
+    ) -> BodyReader | None:
+        """None when the entry's file is gone (evicted or purged since the lookup).
+
+        A body held in memory costs no thread hop. Otherwise one hop opens the file and reads
+        the first piece the caller will ask for: up to READ_CHUNK bytes at ``offset`` (the
+        start of a range; ``length`` bounds it), so ``read(offset, ...)`` right after answers
+        without another hop. When that was the whole body the file is closed in the same hop.
+        """
         if self._closed:
             return None
         name = entry.body_name
@@ -1200,32 +1448,37 @@ class CacheStore:
         path = os.path.join(self._bodies, name)
         size = entry.stored.body_size
         small = size <= self._memory_object_size
-
-        def open_file() -> tuple[int, bytes | None]:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if os.fstat(fd).st_size != size:
-                    raise ValueError(f"body file {path} has the wrong size")
-                if small:
-                    return -1, _pread_all(fd, size)
-            except BaseException:
-                os.close(fd)
-                raise
-            return fd, None
-
+        if small:
+            start, ahead = 0, size
+        else:
+            start = min(max(offset, 0), size)
+            ahead = min(READ_CHUNK, size - start)
+            if length is not None:
+                ahead = max(0, min(ahead, length))
         try:
-            fd, data = await self._io(open_file)
+            fd, head = await self._io(
+                lambda: _open_and_read(path, size, start, ahead, keep=not small)
+            )
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
             self._index_failed("opening a body", exc)
             return None
-        if data is not None:
-            if len(data) != size:
+        if small:
+            if len(head) != size:
                 return None
-            self._mem_put(name, data)
-            return BodyReader(self, data=data)
-        return BodyReader(self, fd=fd, size=size)
+            self._mem_put(name, head)
+            return BodyReader(self, data=head)
+        # fd < 0: the whole body was read ahead; the path is kept only for a read that comes
+        # back after the read-ahead was let go.
+        return BodyReader(
+            self,
+            fd=fd,
+            path=path if fd < 0 else None,
+            size=size,
+            head=head,
+            head_at=start,
+        )
 
     async def update(
         self, entry: Entry, headers: list[Header], request_time: float, response_time: float
@@ -1262,9 +1515,18 @@ class CacheStore:
         return new
 
     async def invalidate(self, key: str) -> int:
-        """Remove every variant of ``key`` (purge, §4.4 invalidation); returns how many."""
+        """Remove every variant of ``key`` (purge, §4.4 invalidation); returns how many.
+
+        A writer of ``key`` begun before this call and not yet committed will not be kept: its
+        ``commit`` returns None."""
         if self._closed:
             return 0
+        # Recorded before any await, so a commit that reaches the index after this call sees it.
+        self._invalidations += 1
+        self._invalidated.pop(key, None)
+        if len(self._invalidated) >= INVALIDATED_MEMORY:
+            self._invalidated_floor = self._invalidated.pop(next(iter(self._invalidated)))
+        self._invalidated[key] = self._invalidations
 
         def invalidate_sync() -> list[str]:
             with self._immediate() as conn:
@@ -1363,5 +1625,6 @@ class CacheStore:
             await self._flush_touches()
             await self._db(self._conn.close)
         self._rows.clear()
+        self._keys = set()
         self._mem.clear()
         self._mem_bytes = 0

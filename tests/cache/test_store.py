@@ -8,6 +8,7 @@ mounts (root only, skipped otherwise).
 from __future__ import annotations
 
 import fcntl
+import gc
 import hashlib
 import json
 import logging
@@ -16,13 +17,15 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import trio
 
+from proxyd.cache import store as store_module
 from proxyd.cache.policy import Header
 from proxyd.cache.store import (
     READ_CHUNK,
@@ -34,6 +37,8 @@ from proxyd.cache.store import (
     decode_headers,
     encode_headers,
 )
+
+_T = TypeVar("_T")
 
 CHILD = Path(__file__).with_name("store_child.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -97,6 +102,14 @@ async def read_all(reader: BodyReader, piece: int = 1 << 20) -> bytes:
             return b"".join(parts)
         parts.append(data)
         offset += len(data)
+
+
+async def read_all_from(reader: BodyReader, offset: int, piece: int = 1 << 20) -> bytes:
+    parts: list[bytes] = []
+    while data := await reader.read(offset, piece):
+        parts.append(data)
+        offset += len(data)
+    return b"".join(parts)
 
 
 async def body_of(store: CacheStore, entry: Entry) -> bytes:
@@ -239,6 +252,29 @@ async def test_invalidate_removes_every_variant(tmp_path: Path) -> None:
         names = {f"{p.parent.name}/{p.name}" for p in files(tmp_path, "bodies")}
         assert names == {kept.body_name}
         assert store.stats().entries == 1 and store.stats().bytes == 4
+    finally:
+        await store.aclose()
+
+
+async def test_writer_begun_before_an_invalidation_is_not_kept(tmp_path: Path) -> None:
+    # RFC 9111 §4.4: a response still on its way when its URI is invalidated must not bring the
+    # old content back, however the commit and the invalidation interleave.
+    store = await open_store(tmp_path)
+    try:
+        writer = await store.begin("k", b"", 200, b"OK", [], NOW, NOW, 3)
+        assert writer is not None
+        follower = writer.open_follower()
+        await writer.write(b"old")
+        assert await store.invalidate("k") == 0  # nothing stored yet
+        assert await writer.commit() is None
+        assert await read_all(follower) == b"old"  # a reader that had it keeps it
+        await follower.aclose()
+        assert await store.lookup("k") == []
+        assert files(tmp_path, "tmp") == [] and files(tmp_path, "bodies") == []
+        assert store.stats().errors == 0 and not store.stats().paused
+        # ... while a writer begun after the invalidation, and other keys, are kept
+        later = await put(store, "k", b"new")
+        assert await store.lookup("k") == [later]
     finally:
         await store.aclose()
 
@@ -453,8 +489,10 @@ async def test_memory_tier_is_bounded(tmp_path: Path) -> None:
 
 
 async def test_other_connection_changes_are_seen(tmp_path: Path) -> None:
-    first = await open_store(tmp_path)
-    second = await open_store(tmp_path)
+    # version_check_interval=0: every lookup asks SQLite whether another connection committed
+    # (by default, lookups in a burst may be up to 5 ms stale: see the key filter tests below).
+    first = await open_store(tmp_path, version_check_interval=0)
+    second = await open_store(tmp_path, version_check_interval=0)
     try:
         entry = await put(first, "k", b"v1", variant=b"a")
         assert await first.lookup("k") == [entry]  # in first's memory copy now
@@ -478,6 +516,304 @@ async def test_open_body_is_none_when_the_file_is_gone(tmp_path: Path) -> None:
         entry = await put(store, "k", b"larger than the memory tier")
         (tmp_path / "bodies" / entry.body_name).unlink()
         assert await store.open_body(entry) is None
+    finally:
+        await store.aclose()
+
+
+async def on_the_loop(call: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+    """``await call(*args)``, asserting that it never leaves the event loop: any thread hop (or
+    other checkpoint) inside an already-cancelled scope raises Cancelled."""
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        result = await call(*args)
+    assert not scope.cancelled_caught, "left the event loop"
+    return result
+
+
+def fds_on(path: Path) -> int:
+    """How many of our descriptors are open on ``path`` (an unlinked file reads "(deleted)")."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") in (str(path), f"{path} (deleted)"):
+                count += 1
+    return count
+
+
+@pytest.fixture
+def thread_hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the functions run in worker threads from now on (the real
+    trio.to_thread.run_sync runs them; this only counts; also shielded hops, which
+    ``on_the_loop`` cannot see)."""
+    calls: list[str] = []
+    real = trio.to_thread.run_sync
+
+    async def counting(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        calls.append(getattr(fn, "__qualname__", repr(fn)))
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+    return calls
+
+
+def holds_bytes(obj: object, size: int) -> bool:
+    """Whether ``obj`` references a bytes object of at least ``size`` bytes."""
+    return any(isinstance(o, bytes) and len(o) >= size for o in gc.get_referents(obj))
+
+
+# --- the key filter: negative lookups without SQLite ----------------------------------------
+
+
+async def test_unknown_keys_are_answered_without_a_thread_hop(tmp_path: Path) -> None:
+    store = await open_store(tmp_path)
+    try:
+        entry = await put(store, "http://a/stored", b"x")
+        for n in range(50):
+            assert await on_the_loop(store.lookup, f"http://a/never-{n}") == []
+        assert await on_the_loop(store.lookup, "http://a/stored") == [entry]
+    finally:
+        await store.aclose()
+    # A new store fills the filter from the index at open: stored keys are found (SQLite read
+    # in a thread, since the memory copy of rows starts empty), unknown ones answered at once.
+    again = await open_store(tmp_path)
+    try:
+        assert await on_the_loop(again.lookup, "http://a/never-0") == []
+        assert await again.lookup("http://a/stored") == [entry]
+    finally:
+        await again.aclose()
+
+
+async def test_key_stored_by_another_instance_becomes_visible(tmp_path: Path) -> None:
+    a = await open_store(tmp_path, version_check_interval=0)
+    b = await open_store(tmp_path)
+    try:
+        assert await on_the_loop(a.lookup, "k") == []
+        stored = [await put(b, key, key.encode()) for key in ("k", "l", "m")]
+        for entry in stored:
+            assert await a.lookup(entry.key) == [entry]
+        assert await body_of(a, stored[0]) == b"k"
+        assert a.stats().entries == 3  # the catch-up reads the other instance's totals too
+        # SQLite hands out max(id) + 1 unless the table is AUTOINCREMENT: B deleting its newest
+        # row and storing another key would reuse that id, and A (having seen it) would never
+        # look at it again.
+        assert await b.invalidate("m") == 1
+        newer = await put(b, "n", b"n")
+        assert newer.entry_id > stored[-1].entry_id
+        assert await a.lookup("n") == [newer]
+        assert await a.lookup("m") == []
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_another_instance_commit_is_seen_within_the_check_interval(tmp_path: Path) -> None:
+    a = await open_store(tmp_path)  # the default version_check_interval
+    b = await open_store(tmp_path)
+    try:
+        assert await a.lookup("k") == []
+        entry = await put(b, "k", b"v")
+        with trio.fail_after(5):
+            while not (found := await a.lookup("k")):  # noqa: ASYNC110 (polling is the point)
+                await trio.sleep(0.002)
+        assert found == [entry]
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_lookups_in_a_burst_share_one_version_check(tmp_path: Path) -> None:
+    # An hour-long interval: every lookup below is in one burst, so only the first one asks
+    # SQLite whether another connection committed.
+    mine = await open_store(tmp_path, version_check_interval=3600)
+    other = await open_store(tmp_path)
+    try:
+        assert await mine.lookup("theirs") == []
+        theirs = await put(other, "theirs", b"x")
+        assert await on_the_loop(mine.lookup, "theirs") == []  # not checked: stale
+        ours = await put(mine, "ours", b"y")
+        assert await on_the_loop(mine.lookup, "ours") == [ours]  # own commits: at once
+        # Our commit's transaction caught up with the other connection's commit on its way.
+        assert await mine.lookup("theirs") == [theirs]
+    finally:
+        await mine.aclose()
+        await other.aclose()
+
+
+async def test_key_filter_forgets_deleted_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Keys of evicted rows stay in the filter until it holds more than twice the entries
+    # plus KEY_FILTER_SLACK; then it is rebuilt from the index (memory stays bounded).
+    monkeypatch.setattr(store_module, "KEY_FILTER_SLACK", 8)
+    store = await open_store(tmp_path, max_size=5000, memory_size=0)
+    try:
+        last = [await put(store, f"k{n}", b"x" * 1000) for n in range(40)][-1]
+        assert store.stats().entries == 5
+        assert await on_the_loop(store.lookup, "k0") == []
+        assert await store.lookup("k39") == [last]
+    finally:
+        await store.aclose()
+
+
+async def test_version_1_index_is_upgraded_in_place(tmp_path: Path) -> None:
+    # An index as version 1 wrote it (ids were not AUTOINCREMENT), with two live entries.
+    index = tmp_path / "index.sqlite"
+    db = sqlite3.connect(index, isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.executescript(V1_SCHEMA)
+    bodies = {"a": b"body of a", "b": b"b" * 70_000}
+    for entry_id, (key, body) in enumerate(bodies.items(), start=1):
+        name = f"0{entry_id}/0{entry_id}{key}"
+        (tmp_path / "bodies" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "bodies" / name).write_bytes(body)
+        db.execute(
+            "INSERT INTO entries VALUES (?, ?, x'', 200, x'4f4b', ?, ?, ?, ?, ?, ?)",
+            (entry_id, key, encode_headers([(b"ETag", b'"1"')]), NOW, NOW, name, len(body), NOW),
+        )
+    db.close()
+    store = await open_store(tmp_path)
+    try:
+        for key, body in bodies.items():
+            (entry,) = await store.lookup(key)
+            assert entry.stored.headers == ((b"ETag", b'"1"'),)
+            assert await body_of(store, entry) == body
+        assert store.stats().entries == 2
+        assert store.stats().bytes == sum(len(b) for b in bodies.values())
+        assert set_aside(tmp_path) == []
+        # ids are never reused now, also after the newest row is deleted
+        newest = await put(store, "c", b"c")
+        assert await store.invalidate("c") == 1
+        assert (await put(store, "d", b"d")).entry_id > newest.entry_id
+    finally:
+        await store.aclose()
+    db = sqlite3.connect(index)
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name = 'entries'").fetchone()
+    db.close()
+    assert version == 2 and "AUTOINCREMENT" in sql
+
+
+V1_SCHEMA = """
+CREATE TABLE entries (
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL,
+    variant BLOB NOT NULL,
+    status INTEGER NOT NULL,
+    reason BLOB NOT NULL,
+    headers BLOB NOT NULL,
+    request_time REAL NOT NULL,
+    response_time REAL NOT NULL,
+    body_name TEXT NOT NULL,
+    body_size INTEGER NOT NULL,
+    access_time REAL NOT NULL
+);
+CREATE UNIQUE INDEX entries_key_variant ON entries (key, variant);
+CREATE INDEX entries_lru ON entries (access_time);
+CREATE TABLE totals (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    entries INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+);
+INSERT INTO totals VALUES (0, 0, 0);
+CREATE TRIGGER entries_added AFTER INSERT ON entries BEGIN
+    UPDATE totals SET entries = entries + 1, bytes = bytes + NEW.body_size WHERE id = 0;
+END;
+CREATE TRIGGER entries_removed AFTER DELETE ON entries BEGIN
+    UPDATE totals SET entries = entries - 1, bytes = bytes - OLD.body_size WHERE id = 0;
+END;
+PRAGMA user_version = 1;
+"""
+
+
+# --- reading bodies: read-ahead at open, close without a thread hop -------------------------
+
+
+async def test_first_read_and_close_of_a_large_body_stay_on_the_loop(
+    tmp_path: Path, thread_hops: list[str]
+) -> None:
+    store = await open_store(tmp_path, memory_object_size=1000)
+    try:
+        body = pattern(2 * READ_CHUNK + 1234)
+        entry = await put(store, "big", body)
+        path = tmp_path / "bodies" / entry.body_name
+        thread_hops.clear()
+        reader = await store.open_body(entry)  # one hop: open and read ahead READ_CHUNK
+        assert reader is not None and reader.cached() is None
+        assert len(thread_hops) == 1
+        assert fds_on(path) == 1
+        assert await on_the_loop(reader.read, 0, 1000) == body[:1000]
+        assert holds_bytes(reader, READ_CHUNK)  # part of the read-ahead is still to come
+        assert await on_the_loop(reader.read, 1000, READ_CHUNK) == body[1000:READ_CHUNK]
+        assert not holds_bytes(reader, 1000)  # consumed: let go
+        assert len(thread_hops) == 1
+        rest = await read_all_from(reader, READ_CHUNK)  # beyond the read-ahead: pread in threads
+        assert rest == body[READ_CHUNK:]
+        hops = len(thread_hops)
+        await on_the_loop(reader.aclose)
+        assert len(thread_hops) == hops  # a linked file is closed on the loop
+        assert fds_on(path) == 0
+
+        # A read elsewhere lets the read-ahead go too. The last close of an unlinked file
+        # (freeing its blocks) goes to a thread.
+        reader = await store.open_body(entry)
+        assert reader is not None
+        assert await reader.read(READ_CHUNK, 10) == body[READ_CHUNK : READ_CHUNK + 10]
+        assert not holds_bytes(reader, 1000)
+        path.unlink()
+        assert await reader.read(5, 10) == body[5:15]  # POSIX: the open file stays readable
+        hops = len(thread_hops)
+        await reader.aclose()
+        assert len(thread_hops) == hops + 1
+        assert fds_on(path) == 0
+    finally:
+        await store.aclose()
+
+
+async def test_body_read_ahead_whole_closes_its_file_at_open(
+    tmp_path: Path, thread_hops: list[str]
+) -> None:
+    store = await open_store(tmp_path, memory_object_size=1000)
+    try:
+        body = pattern(READ_CHUNK)  # beyond the memory tier, exactly one read-ahead
+        entry = await put(store, "k", body)
+        path = tmp_path / "bodies" / entry.body_name
+        thread_hops.clear()
+        reader = await store.open_body(entry)
+        assert reader is not None and reader.cached() is None
+        assert fds_on(path) == 0  # closed in the same hop as it was opened
+
+        async def serve() -> tuple[bytes, bytes]:
+            assert reader is not None
+            data = await reader.read(0, READ_CHUNK), await reader.read(READ_CHUNK, 10)
+            await reader.aclose()
+            return data
+
+        assert await on_the_loop(serve) == (body, b"")
+        assert len(thread_hops) == 1  # the whole hit: open, read, close
+        assert not holds_bytes(reader, 1000)
+        # A read that comes back after the read-ahead was let go opens the file again.
+        reader = await store.open_body(entry)
+        assert reader is not None
+        assert await reader.read(0, READ_CHUNK) == body
+        assert await reader.read(100, 10) == body[100:110]
+        assert fds_on(path) == 1
+        await on_the_loop(reader.aclose)
+        assert fds_on(path) == 0
+    finally:
+        await store.aclose()
+
+
+async def test_read_ahead_starts_at_the_requested_range(tmp_path: Path) -> None:
+    store = await open_store(tmp_path, memory_object_size=1000)
+    try:
+        body = pattern(3 * READ_CHUNK)
+        entry = await put(store, "k", body)
+        first = 2 * READ_CHUNK + 7
+        reader = await store.open_body(entry, offset=first, length=100)
+        assert reader is not None
+        assert await on_the_loop(reader.read, first, 100) == body[first : first + 100]
+        assert await reader.read(0, 10) == body[:10]
+        await reader.aclose()
     finally:
         await store.aclose()
 
