@@ -28,6 +28,7 @@ from typing import Final, TypeVar
 import h11
 import trio
 
+from proxyd.cache.transaction import HttpCache
 from proxyd.config import Config
 from proxyd.errors import (
     BadRequest,
@@ -42,6 +43,7 @@ from proxyd.errors import (
 from proxyd.http import access
 from proxyd.http.messages import (
     HEAD_INCOMPLETE,
+    Target,
     check_head_bytes,
     error_body,
     parse_absolute_target,
@@ -52,19 +54,30 @@ from proxyd.http.messages import (
 )
 from proxyd.http.relay import (
     RECEIVE_SIZE,
+    TLS_SCHEMES,
     ClientGone,
     ExchangeStats,
     RelaySettings,
     ResponseAborted,
+    ResponseTap,
     forward,
     open_checked,
 )
-from proxyd.http.rules import prepare_request, trace_body, via_member
+from proxyd.http.rules import RequestFacts, prepare_request, trace_body, via_member
 from proxyd.http.tunnel import TunnelStats, run_tunnel
 from proxyd.observe.accesslog import AccessLog, AccessRecord
 from proxyd.observe.metrics import Metrics
 from proxyd.routing.router import Router
 from proxyd.upstream.route import Route, RouteList, route_kind
+from proxyd.websocket.handshake import check_client_upgrade, is_websocket_upgrade
+from proxyd.websocket.relay import Session
+from proxyd.websocket.upgrade import (
+    Sniffed,
+    UpgradeContext,
+    failure_reason,
+    run_upgrade,
+    sniff_tunnel,
+)
 
 _T = TypeVar("_T")
 
@@ -75,6 +88,8 @@ LINGER_BYTES: Final = 1 << 20
 _MAX_FORWARDS_METHODS: Final = frozenset({b"OPTIONS", b"TRACE"})
 _ALLOW_ALL: Final = b"GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE, PATCH"
 _connection_ids = itertools.count(1)
+# GET and HEAD go through the cache only without a body (one with a body is relayed untouched).
+_BODYLESS_CACHE_METHODS: Final = frozenset({b"GET", b"HEAD", b"PURGE"})
 
 
 @dataclass(slots=True)
@@ -89,12 +104,31 @@ class Services:
     auth: access.AuthCache | None
     pseudonym: bytes
     router: Router
+    #: The shared HTTP cache (None when cache.enabled is false).
+    cache: HttpCache | None = None
     draining: bool = False
     connections: set[ClientConnection] = field(default_factory=set)
     auth_limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(2))
     #: Set when the last connection closes while draining (the server's drain waits on it).
     all_closed: trio.Event = field(default_factory=trio.Event)
     _via_cache: dict[bytes, bytes | None] = field(default_factory=dict)
+    #: WebSocket sessions running now (drain sends each 1001, see server.py).
+    websocket_sessions: set[Session] = field(default_factory=set)
+    _websocket: UpgradeContext | None = None
+
+    def websocket_context(self) -> UpgradeContext:
+        context = self._websocket
+        if context is None:
+            context = self._websocket = UpgradeContext(
+                config=self.config.websocket,
+                metrics=self.metrics,
+                pseudonym=self.pseudonym,
+                via_for_version=self.via_for_version,
+                io_timeout=self.config.upstream.timeouts.idle_read,
+                sessions=self.websocket_sessions,
+                is_draining=lambda: self.draining,
+            )
+        return context
 
     def via_for_version(self, version: bytes) -> bytes | None:
         """The Via member for a message received with HTTP ``version`` (cached: few versions)."""
@@ -303,6 +337,9 @@ class ClientConnection:
                 await self._authenticate(request)
             if method == b"CONNECT":
                 return await self._serve_connect(request, started)
+            if is_websocket_upgrade(request.headers):
+                # Before prepare_request: it strips Upgrade as hop-by-hop.
+                return await self._serve_websocket(request, started, stats)
             target = parse_absolute_target(url)
             facts = prepare_request(
                 request.headers.raw_items(),
@@ -313,14 +350,41 @@ class ClientConnection:
             )
             if facts.max_forwards == 0:
                 return await self._answer_max_forwards(request, started)
-            routes = await services.router.decide(
-                target.scheme.decode("ascii"), target.host, target.port, url.decode("ascii")
-            )
+            cache = services.cache
+            if cache is not None and (
+                method not in _BODYLESS_CACHE_METHODS
+                or not (facts.has_content_length or facts.has_transfer_encoding)
+            ):
+                if method == b"PURGE":
+                    return await self._purge(request, started, cache)
 
-            async def attempt(route: Route) -> None:
-                await forward(self, request, target, facts, services.relay, stats, route)
+                async def fetch(
+                    headers: list[tuple[bytes, bytes]], tap: ResponseTap | None
+                ) -> None:
+                    routes = await services.router.decide(
+                        target.scheme.decode("ascii"), target.host, target.port, url.decode("ascii")
+                    )
 
-            await self._with_failover(routes, attempt, stats)
+                    async def attempt(route: Route) -> None:
+                        await forward(
+                            self, request, target, facts, services.relay, stats, route,
+                            tap=tap, headers=headers,
+                        )  # fmt: skip
+
+                    await self._with_failover(routes, attempt, stats)
+
+                await cache.handle(
+                    self, method, list(request.headers), target, facts.headers, stats, fetch
+                )
+            else:
+                routes = await services.router.decide(
+                    target.scheme.decode("ascii"), target.host, target.port, url.decode("ascii")
+                )
+
+                async def attempt(route: Route) -> None:
+                    await forward(self, request, target, facts, services.relay, stats, route)
+
+                await self._with_failover(routes, attempt, stats)
         except ProxydError as exc:
             if stats.head_sent:  # too late for an error response: cut the connection
                 log.info("c%d: %s", self.conn_id, exc.detail)
@@ -388,6 +452,7 @@ class ClientConnection:
                     duration=duration,
                     upstream=stats.upstream,
                     route=route,
+                    cache=stats.cache,
                     error=error_type,
                 )
             )
@@ -496,20 +561,41 @@ class ClientConnection:
             stats.status = 200
             await self.send(data, config.upstream.timeouts.idle_read)
             stats.head_sent = True
-            trailing, _ = self.h11.trailing_data
-            if trailing:
-                with trio.move_on_after(config.upstream.timeouts.idle_read) as scope:
-                    await upstream.send_all(trailing)
-                if scope.cancelled_caught:
-                    raise trio.BrokenResourceError("the origin did not take the first bytes")
-                tunnel_stats.bytes_up += len(trailing)
-            await run_tunnel(
-                self.stream,
-                upstream,
-                idle_timeout=config.tunnel.idle_timeout,
-                stats=tunnel_stats,
-                on_bytes=None,
-            )
+            trailing = bytes(self.h11.trailing_data[0])
+            idle = False
+            if config.websocket.inspect_connect:
+                sniffed = await sniff_tunnel(
+                    self.stream,
+                    upstream,
+                    trailing,
+                    timeout=config.client.timeouts.head,
+                    idle_timeout=config.tunnel.idle_timeout,
+                    max_head=config.client.max_head_size,
+                )
+                if sniffed.request is not None:
+                    await self._tunneled_websocket(request, sniffed, upstream, stats)
+                    return False
+                trailing = sniffed.client_bytes
+                idle = sniffed.idle
+                if sniffed.origin_bytes:
+                    await self.send(sniffed.origin_bytes, config.upstream.timeouts.idle_read)
+                    tunnel_stats.bytes_down += len(sniffed.origin_bytes)
+            if idle:  # nothing moved either way for tunnel.idle_timeout while peeking
+                tunnel_stats.ended_by = "idle_timeout"
+            else:
+                if trailing:
+                    with trio.move_on_after(config.upstream.timeouts.idle_read) as scope:
+                        await upstream.send_all(trailing)
+                    if scope.cancelled_caught:
+                        raise trio.BrokenResourceError("the origin did not take the first bytes")
+                    tunnel_stats.bytes_up += len(trailing)
+                await run_tunnel(
+                    self.stream,
+                    upstream,
+                    idle_timeout=config.tunnel.idle_timeout,
+                    stats=tunnel_stats,
+                    on_bytes=None,
+                )
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             tunnel_stats.ended_by = "reset"
         finally:
@@ -522,6 +608,128 @@ class ClientConnection:
         stats.bytes_out = tunnel_stats.bytes_down
         self._finish(request.method, request.target, started, stats, route=stats.route)
         return False
+
+    # --- WebSocket sessions (proxyd/websocket) ----------------------------------------------
+
+    async def _serve_websocket(
+        self, request: h11.Request, started: float, stats: ExchangeStats
+    ) -> bool:
+        """An absolute-form upgrade (``GET ws://host/path``): upstream leg first (routing,
+        failover, the per-host tunnel limit), then the handshakes and the session."""
+        services = self.services
+        try:
+            target = parse_absolute_target(request.target)
+            stats.upstream = f"{target.host}:{target.port}"
+            upgrade = check_client_upgrade(
+                request.method, request.http_version, request.headers.raw_items()
+            )
+            secure = target.scheme in TLS_SCHEMES
+            scheme = "https" if secure else "http"  # what PAC and rules see for wss / ws
+            routes = await services.router.decide(
+                scheme,
+                target.host,
+                target.port,
+                f"{scheme}://{target.authority.decode()}{target.path.decode('ascii', 'replace')}",
+            )
+
+            async def attempt(route: Route) -> trio.abc.Stream:
+                return await open_checked(
+                    services.relay, target.host, target.port, route, tls=secure, tunnel=True
+                )
+
+            async with services.relay.pool.tunnel_slot(target.host):
+                upstream = await self._with_failover(routes, attempt, stats)
+                try:
+                    await run_upgrade(
+                        services.websocket_context(),
+                        self.stream,
+                        self.h11,
+                        request,
+                        upgrade,
+                        upstream,
+                        authority=target.authority,
+                        path=target.path,
+                        stats=stats,
+                        name=f"c{self.conn_id}",
+                    )
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await trio.aclose_forcefully(upstream)
+        except ProxydError as exc:
+            if not stats.head_sent:
+                services.metrics.ws_handshake_failures.labels(failure_reason(exc)).inc()
+            raise
+        if stats.status != 101:
+            self._linger = True  # a relayed rejection: unread client bytes must not reset it
+        self._finish(request.method, request.target, started, stats, route=stats.route)
+        return False
+
+    async def _tunneled_websocket(
+        self,
+        connect: h11.Request,
+        sniffed: Sniffed,
+        upstream: trio.abc.Stream,
+        connect_stats: ExchangeStats,
+    ) -> None:
+        """A plaintext upgrade inside a CONNECT tunnel (how browsers send ws://): the upstream
+        stream is open already. The tunnel now speaks the inner HTTP/1.1 connection, which gets
+        the access-log line (one per session) and any error response."""
+        services = self.services
+        assert sniffed.conn is not None and sniffed.request is not None
+        inner = sniffed.request
+        self.h11 = sniffed.conn
+        started = trio.current_time()
+        authority = connect.target
+        for name, value in inner.headers:
+            if name == b"host":
+                authority = value
+        url = b"ws://" + authority + inner.target
+        stats = ExchangeStats(upstream=connect_stats.upstream, route=connect_stats.route)
+        try:
+            upgrade = check_client_upgrade(
+                inner.method, inner.http_version, inner.headers.raw_items()
+            )
+            await run_upgrade(
+                services.websocket_context(),
+                self.stream,
+                sniffed.conn,
+                inner,
+                upgrade,
+                upstream,
+                authority=authority,
+                path=inner.target,
+                stats=stats,
+                name=f"c{self.conn_id}",
+            )
+        except ProxydError as exc:
+            if stats.head_sent:
+                self._finish(inner.method, url, started, stats, error_type=exc.error_type)
+                return
+            services.metrics.ws_handshake_failures.labels(failure_reason(exc)).inc()
+            text_url = url.decode("ascii", "replace")
+            await self._send_error(exc, inner.method, text_url, started, stats)
+            return
+        if stats.status != 101:
+            self._linger = True  # a relayed rejection: unread client bytes must not reset it
+        self._finish(inner.method, url, started, stats, route=stats.route)
+
+    async def _purge(self, request: h11.Request, started: float, cache: HttpCache) -> bool:
+        """PURGE http://host/path: remove every stored variant, for clients in purge_clients."""
+        if not access.ClientAcl(self.services.config.cache.purge_clients).allows(
+            self.client_address
+        ):
+            raise ClientForbidden(f"client {self.client_address} may not PURGE")
+        removed = await cache.purge(request.target.decode("ascii"))
+        status = 200 if removed else 404
+        body = f"purged {removed}\n".encode() if removed else b"not in the cache\n"
+        headers = [
+            (b"Content-Type", b"text/plain; charset=utf-8"),
+            (b"Content-Length", b"%d" % len(body)),
+        ]
+        stats = ExchangeStats(status=status, upstream="cache", bytes_out=len(body))
+        return await self._respond(
+            status, headers, body, request.method, request.target, started, stats
+        )
 
     async def _answer_max_forwards(self, request: h11.Request, started: float) -> bool:
         """RFC 9110 §7.6.2: Max-Forwards 0 on OPTIONS/TRACE means this proxy is the recipient."""
@@ -635,6 +843,54 @@ class ClientConnection:
             error_type=error.error_type,
         )
         return keep and not close
+
+
+class _NullClient:
+    """The client side of a request the cache makes by itself (a background revalidation): a GET
+    without a body whose response nobody reads."""
+
+    def __init__(self) -> None:
+        self.h11 = h11.Connection(h11.SERVER)
+        self.h11.receive_data(b"GET / HTTP/1.1\r\nHost: cache\r\n\r\n")
+        self.h11.next_event()
+
+    async def send(self, data: bytes, timeout: float) -> None:
+        return None
+
+    def is_closing(self) -> bool:
+        return False
+
+    async def receive(self, timeout: float) -> bytes:
+        return b""
+
+
+def make_background_fetch(
+    services: Services,
+) -> Callable[[Target, list[tuple[bytes, bytes]], ResponseTap], Awaitable[None]]:
+    """The cache's way to send a request of its own (routing, failover and pools apply)."""
+
+    async def fetch(target: Target, headers: list[tuple[bytes, bytes]], tap: ResponseTap) -> None:
+        url = b"%s://%s%s" % (target.scheme, target.authority, target.path)
+        routes = await services.router.decide(
+            target.scheme.decode("ascii"), target.host, target.port, url.decode("ascii")
+        )
+        request = h11.Request(method=b"GET", target=url, headers=[(b"host", target.authority)])
+        stats = ExchangeStats()
+        for index, route in enumerate(routes):
+            try:
+                await forward(
+                    _NullClient(), request, target, RequestFacts(), services.relay, stats,
+                    route, tap=tap, headers=headers,
+                )  # fmt: skip
+                return
+            except ProxydError as exc:
+                if not exc.proxy_failure or index == len(routes) - 1 or stats.head_sent:
+                    raise
+                services.router.bad_proxies.mark_bad(
+                    exc.next_hop or route.label, trio.current_time()
+                )
+
+    return fetch
 
 
 def _consume_buffered_request(cc: h11.Connection) -> None:

@@ -8,8 +8,9 @@ being accepted and starved; EMFILE/ENFILE back off and retry (the daemon never f
 
 Drain (SIGTERM, SIGINT, or ``drain()``): stop accepting (listeners closed), mark the services
 draining (``/readyz`` turns 503, responses carry ``Connection: close``), cancel connections idle
-between requests, and wait up to ``shutdown_timeout`` for in-flight requests and tunnels; whatever
-is left is then cancelled. ``serve_until_signalled`` maps a second signal to an immediate stop.
+between requests, send 1001 to both sides of every WebSocket session, and wait up to
+``shutdown_timeout`` for in-flight requests, tunnels and closing handshakes; whatever is left is
+then cancelled. ``serve_until_signalled`` maps a second signal to an immediate stop.
 """
 
 from __future__ import annotations
@@ -17,22 +18,27 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import os
 import signal
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import h11
 import trio
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from proxyd.client import ClientConnection, Services
+from proxyd.cache.store import CacheStore, StoreError
+from proxyd.cache.transaction import HttpCache
+from proxyd.client import ClientConnection, Services, make_background_fetch
 from proxyd.config import Config, HostPort
 from proxyd.http import access
 from proxyd.http.relay import GroupKey, RelaySettings, connect_group
 from proxyd.observe.accesslog import AccessLog
 from proxyd.observe.admin import AdminServer
-from proxyd.observe.metrics import Metrics, pool_gauges
+from proxyd.observe.metrics import Metrics, cache_gauges, pool_gauges
 from proxyd.routing.router import Router
 from proxyd.upstream.dns import Resolver
 from proxyd.upstream.pool import Pool
@@ -72,6 +78,7 @@ class ProxyServer:
         self.proxy_addresses: list[tuple[str, int]] = []
         self.admin_addresses: list[tuple[str, int]] = []
         self.services: Services | None = None
+        self.cache: HttpCache | None = None
         self._drain = trio.Event()
         self._stopped = trio.Event()
 
@@ -136,6 +143,10 @@ class ProxyServer:
         self.metrics.add_stats_provider(self.resolver.metric_families)
         self.metrics.add_stats_provider(self._routing_metrics)
         admin_routes = {}
+        if config.cache.enabled:
+            await self._open_cache(services)
+            if self.cache is not None:
+                admin_routes[b"/cache/purge"] = self._serve_cache_purge
         if config.admin.proxy_pac is not None:
             admin_routes[b"/proxy.pac"] = self._serve_proxy_pac
         admin = AdminServer(
@@ -151,6 +162,8 @@ class ProxyServer:
             async with trio.open_nursery() as top:
                 await top.start(self.pool.run)
                 await top.start(self.router.run)  # a bad PAC script fails the start here
+                if self.cache is not None:
+                    await top.start(self.cache.run)
                 if admin_listeners:
                     top.start_soon(admin.serve, admin_listeners)
                 async with trio.open_nursery() as connections:
@@ -172,6 +185,9 @@ class ProxyServer:
             with trio.CancelScope(shield=True):
                 for listener in proxy_listeners + admin_listeners:
                     await trio.aclose_forcefully(listener)
+                if self.cache is not None:
+                    with trio.move_on_after(5):
+                        await self.cache.store.aclose()
             if access_log is not None and access_log is not self._access_log:
                 access_log.close()
             self._stopped.set()
@@ -186,6 +202,9 @@ class ProxyServer:
         )
         for conn in list(services.connections):
             conn.cancel_if_idle()
+        # WebSocket sessions: 1001 to both sides; the wait below covers their closing handshakes.
+        for session in list(services.websocket_sessions):
+            session.drain()
         with trio.move_on_after(self.config.shutdown_timeout):
             if services.connections:
                 await services.all_closed.wait()
@@ -259,6 +278,57 @@ class ProxyServer:
         family.add_metric([], self.router.bad_proxies.size(trio.current_time()))
         yield family
 
+    async def _open_cache(self, services: Services) -> None:
+        """Open the store (sweeping what a crash left) and the cache in front of it."""
+        config = self.config.cache
+        try:
+            store = await CacheStore.open(
+                _cache_dir(config.dir),
+                max_size=config.max_size,
+                max_object_size=config.max_object_size,
+                memory_object_size=config.memory_object_size,
+                memory_size=config.memory_size,
+            )
+        except StoreError as exc:
+            # The proxy is more useful without a cache than not at all.
+            log.error("cache.dir %s cannot be used, running without a cache: %s", config.dir, exc)
+            return
+        cache = HttpCache(
+            store,
+            config,
+            self.metrics,
+            name=services.pseudonym.decode("ascii"),
+            via=services.via_for_version,
+            idle_timeout=self.config.upstream.timeouts.idle_read,
+            head_timeout=self.config.upstream.timeouts.response_head,
+        )
+        cache.background_fetch = make_background_fetch(services)
+        services.cache = self.cache = cache
+        self.metrics.add_stats_provider(self._cache_metrics)
+
+    def _cache_metrics(self) -> Iterator[Metric]:
+        assert self.cache is not None
+        stats = self.cache.store.stats()
+        return cache_gauges(stats.entries, stats.bytes, stats.evictions, stats.paused)
+
+    async def _serve_cache_purge(self, request: h11.Request) -> tuple[int, bytes, bytes]:
+        """POST /cache/purge?url=URL: remove every stored variant of URL."""
+        text = b"text/plain; charset=utf-8"
+        if request.method != b"POST":
+            return 405, text, b"use POST /cache/purge?url=http://host/path\n"
+        query = request.target.split(b"?", 1)[1] if b"?" in request.target else b""
+        urls = parse_qs(query.decode("latin-1")).get("url")
+        if not urls:
+            return 400, text, b"missing url= parameter\n"
+        assert self.cache is not None
+        try:
+            removed = await self.cache.purge(urls[0])
+        except (ValueError, UnicodeError) as exc:
+            return 400, text, f"bad url: {exc}\n".encode()
+        if not removed:
+            return 404, text, b"not in the cache\n"
+        return 200, text, f"purged {removed}\n".encode()
+
     async def _serve_proxy_pac(self, request: h11.Request) -> tuple[int, bytes, bytes]:
         """GET /proxy.pac: the configured PAC file, read on each request (edits apply at once)."""
         path = self.config.admin.proxy_pac
@@ -294,3 +364,8 @@ async def serve_until_signalled(config: Config) -> int:
             await server._stopped.wait()
             nursery.cancel_scope.cancel()
     return exit_code
+
+
+def _cache_dir(configured: str) -> Path:
+    """cache.dir with ``~`` expanded (a string operation, no disk access)."""
+    return Path(os.path.expanduser(configured))

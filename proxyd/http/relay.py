@@ -79,6 +79,41 @@ class _StaleConnection(Exception):
     """A reused upstream socket failed before any response byte: safe to retry once."""
 
 
+class BodySink(Protocol):
+    """Where a tapped response body also goes (the cache's body writer)."""
+
+    async def write(self, data: bytes) -> None:
+        """Take the next body bytes; never raises for its own failures (the client comes first)."""
+        ...
+
+    async def end(self) -> None:
+        """The body is complete (called after the client has it)."""
+        ...
+
+    def wants_body_without_client(self) -> bool:
+        """When the client leaves mid-body, keep reading the origin for this sink (followers of a
+        collapsed fetch are waiting for the same body)."""
+        ...
+
+
+class Consume:
+    """A tap's verdict: do not relay this response; read and discard it (the cache answers)."""
+
+
+CONSUME: Final = Consume()
+
+
+class ResponseTap(Protocol):
+    """Looks at the final response head before the client sees it (the cache)."""
+
+    async def on_response(
+        self, response: h11.Response, client_headers: list[tuple[bytes, bytes]]
+    ) -> BodySink | Consume | None:
+        """``client_headers`` (the fields the client will get) may be edited in place; return a
+        sink to copy the body into, ``CONSUME`` to keep the response from the client, or None."""
+        ...
+
+
 class ClientSide(Protocol):
     """What the relay needs of the client connection (implemented by client.ClientConnection)."""
 
@@ -130,6 +165,8 @@ class ExchangeStats:
     #: RFC 9112 §9.3.1: a proxy must not retry a non-idempotent request on its own).
     retryable: bool = False
     informational: list[int] = field(default_factory=list)
+    #: What the cache did (access log): hit, stale, revalidated, miss, collapsed, uncacheable.
+    cache: str = "-"
 
 
 def _is_forbidden_peer(stream: trio.abc.Stream, settings: RelaySettings) -> bool:
@@ -197,12 +234,16 @@ async def forward(
     settings: RelaySettings,
     stats: ExchangeStats,
     route: Route = DIRECT,
+    *,
+    tap: ResponseTap | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    """Relay one exchange over ``route``; see the module docstring."""
+    """Relay one exchange over ``route``; see the module docstring. ``headers`` replaces the
+    prepared request fields (the cache adds its validators); ``tap`` sees the final response."""
     pool = settings.pool
     key: GroupKey = (target.scheme, target.host, target.port, route)
     stats.upstream = f"{target.host}:{target.port}"
-    headers = list(facts.headers)
+    headers = list(facts.headers if headers is None else headers)
     proxy = route.proxy if isinstance(route, ViaProxy) else None
     absolute = proxy is not None and proxy.kind in ("http", "https") and target.scheme == b"http"
     if proxy is not None:
@@ -239,16 +280,22 @@ async def forward(
     stats.retryable = stats.reused and not has_body and request.method in IDEMPOTENT_METHODS
     try:
         if has_body:
-            await _forward_with_body(client, conn, up_request, first, settings, stats, trailers)
+            await _forward_with_body(
+                client, conn, up_request, first, settings, stats, trailers, tap
+            )
         else:
             try:
-                await _forward_without_body(client, conn, up_request, settings, stats, trailers)
+                await _forward_without_body(
+                    client, conn, up_request, settings, stats, trailers, tap
+                )
             except _StaleConnection:
                 pool.release(conn, reusable=False)
                 settings.metrics.upstream_retries.inc()
                 conn = await pool.acquire(key, label, fresh=True)
                 stats.reused = stats.retryable = False
-                await _forward_without_body(client, conn, up_request, settings, stats, trailers)
+                await _forward_without_body(
+                    client, conn, up_request, settings, stats, trailers, tap
+                )
     except ClientGone:
         await _drain_then_release(conn, settings)
         raise
@@ -301,6 +348,7 @@ async def _forward_without_body(
     settings: RelaySettings,
     stats: ExchangeStats,
     accepts_trailers: bool,
+    tap: ResponseTap | None,
 ) -> None:
     uc = conn.h11
     head = uc.send(up_request) + uc.send(_END)
@@ -318,7 +366,7 @@ async def _forward_without_body(
     if scope.cancelled_caught:
         raise ReadTimeout(f"sending the request to {stats.upstream} stalled")
     response = await _receive_response_head(client, conn, settings, stats)
-    await _relay_response(client, conn, response, settings, stats, accepts_trailers)
+    await _relay_response(client, conn, response, settings, stats, accepts_trailers, tap)
 
 
 async def _forward_with_body(
@@ -329,6 +377,7 @@ async def _forward_with_body(
     settings: RelaySettings,
     stats: ExchangeStats,
     accepts_trailers: bool,
+    tap: ResponseTap | None,
 ) -> None:
     uc = conn.h11
     head = uc.send(up_request)
@@ -357,7 +406,7 @@ async def _forward_with_body(
         nursery.start_soon(pump)
         try:
             response = await _receive_response_head(client, conn, settings, stats)
-            await _relay_response(client, conn, response, settings, stats, accepts_trailers)
+            await _relay_response(client, conn, response, settings, stats, accepts_trailers, tap)
         except Exception as exc:
             # Kept out of the nursery so it is not wrapped in an ExceptionGroup on the way out.
             failure = exc
@@ -506,6 +555,7 @@ async def _relay_response(
     settings: RelaySettings,
     stats: ExchangeStats,
     accepts_trailers: bool,
+    tap: ResponseTap | None = None,
 ) -> None:
     cc = client.h11
     uc = conn.h11
@@ -517,6 +567,15 @@ async def _relay_response(
         raise UpstreamProxyAuthFailed(
             f"upstream proxy {stats.proxy} wants authentication (407)", next_hop=stats.proxy
         )
+    sink: BodySink | None = None
+    if tap is not None:
+        plan = await tap.on_response(response, headers)
+        if plan is CONSUME:
+            # The cache answers instead (a 304 to its revalidation, a 5xx it covers with a stale
+            # response): read the rest so the socket may be reused, within the drain bounds.
+            await _drain(conn, settings.pool.config.drain_bytes, settings.idle_read_timeout)
+            return
+        sink = cast("BodySink | None", plan)
     stats.status = response.status_code
     if client.is_closing():
         headers.append((b"Connection", b"close"))  # h11 then ends the connection after it
@@ -536,6 +595,7 @@ async def _relay_response(
         name.lower() == b"content-length" for name, _ in headers
     )
     idle = settings.idle_read_timeout
+    client_gone: ClientGone | None = None
     while True:
         try:
             event = uc.next_event()
@@ -547,7 +607,15 @@ async def _relay_response(
             ) from None
         if event is _NEED_DATA:
             if out:
-                await _send_client(client, out, idle, stats)
+                if client_gone is None:
+                    try:
+                        await _send_client(client, out, idle, stats)
+                    except ClientGone as exc:
+                        # Followers of a collapsed fetch still want this body: keep reading.
+                        if sink is None or not sink.wants_body_without_client():
+                            raise
+                        client_gone = exc
+                out.clear()
             try:
                 data = await _receive_upstream(conn, idle)
             except trio.TooSlowError:
@@ -564,6 +632,8 @@ async def _relay_response(
         if kind is _Data:
             assert isinstance(event, h11.Data)
             stats.bytes_out += len(event.data)
+            if sink is not None:
+                await sink.write(event.data)
             out.append(cc.send(event))
         elif kind is _EndOfMessage:
             assert isinstance(event, h11.EndOfMessage)
@@ -572,7 +642,12 @@ async def _relay_response(
                 out.append(cc.send(h11.EndOfMessage(headers=list(trailers.raw_items()))))
             else:
                 out.append(cc.send(_END))
-            await _send_client(client, out, idle, stats)
+            if client_gone is None:
+                await _send_client(client, out, idle, stats)
+            if sink is not None:
+                await sink.end()
+            if client_gone is not None:
+                raise client_gone
             return
         else:
             raise ResponseAborted(
