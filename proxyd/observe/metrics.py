@@ -265,6 +265,55 @@ class Metrics:
             registry=registry,
         )
         # --- websocket (owned by the websocket work; keep cache metrics above) ---
+        self.ws_sessions_active = Gauge(
+            "proxyd_websocket_sessions_active", "WebSocket sessions open now", registry=registry
+        )
+        self.ws_sessions = Counter(
+            "proxyd_websocket_sessions_total",
+            "WebSocket sessions ended, by outcome (clean, peer_vanished, protocol_error, too_big,"
+            " timeout, drained, aborted)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.ws_handshake_failures = Counter(
+            "proxyd_websocket_handshake_failures_total",
+            "WebSocket upgrades that did not become sessions, by reason (bad_request,"
+            " connect_failed, limit, origin_timeout, origin_rejected, bad_response, client_gone,"
+            " other)",
+            ["reason"],
+            registry=registry,
+        )
+        self.ws_messages = Counter(
+            "proxyd_websocket_messages_total",
+            "WebSocket messages relayed, by direction (upload: client to origin)",
+            ["direction"],
+            registry=registry,
+        )
+        self.ws_bytes = Counter(
+            "proxyd_websocket_message_bytes_total",
+            "WebSocket message payload bytes relayed (decompressed), by direction",
+            ["direction"],
+            registry=registry,
+        )
+        self.ws_close_codes = Counter(
+            "proxyd_websocket_close_codes_total",
+            "The Close that began each session's closing, by initiator (client, origin, proxy)"
+            " and code (1000-1015; 1005: no code; 3xxx, 4xxx, other)",
+            ["initiator", "code"],
+            registry=registry,
+        )
+        self.ws_pings = Counter(
+            "proxyd_websocket_pings_total", "Keepalive pings sent to peers", registry=registry
+        )
+        self.ws_pong_timeouts = Counter(
+            "proxyd_websocket_pong_timeouts_total",
+            "Sessions ended because a peer did not answer a keepalive ping in time",
+            registry=registry,
+        )
+        self.ws_messages_up = self.ws_messages.labels("upload")
+        self.ws_messages_down = self.ws_messages.labels("download")
+        self.ws_bytes_up = self.ws_bytes.labels("upload")
+        self.ws_bytes_down = self.ws_bytes.labels("download")
         self.collector = _StatsCollector()
         registry.register(self.collector)
 

@@ -1,0 +1,422 @@
+"""The trio shell of the opening handshake, and the peek into CONNECT tunnels.
+
+How it works (``run_upgrade``; the caller has validated the client's upgrade with
+``handshake.check_client_upgrade`` and opened the upstream stream — routing, failover and the
+per-host tunnel limit are the caller's, see ``client.py``):
+
+1. The client's request is consumed up to its end; whatever the client sent after it in the same
+   read (an eager first frame) stays in h11's buffer and becomes the session's first input.
+2. The origin hop's upgrade (``handshake.upstream_request_headers``) goes out through an h11
+   client connection, and the answer is awaited within ``websocket.handshake_timeout``
+   (``ResponseTimeout``, 504). Interim 1xx answers other than 101 are skipped.
+3. A final non-101 answer (403 with a body, 426, a redirect) is relayed to the client as that
+   response, body streamed, and the connection ends after it (``origin_rejected``).
+4. A 101 is checked (``handshake.check_origin_accept``, ``BadResponse`` 502 when invalid); the
+   bytes that came after it in the same read are kept for the session; the client gets its own 101
+   and the ``relay.Session`` runs. The session is listed in ``sessions`` while it runs so the
+   server's drain can reach it.
+
+``sniff_tunnel`` decides what a CONNECT tunnel carries: it waits for the first bytes of either
+side. The origin talking first (a banner) or a first byte that cannot begin ``GET`` (TLS begins
+with 0x16) means a byte tunnel at once; otherwise client bytes are collected until the request
+head is complete (bounded in time and size) and parsed: a ``GET`` with ``Upgrade: websocket``
+becomes a session, anything else is handed back to be tunnelled as bytes, nothing lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+import h11
+import trio
+
+from proxyd.errors import (
+    BadRequest,
+    BadResponse,
+    ProxydError,
+    ProxyShuttingDown,
+    ResponseIncomplete,
+    ResponseTimeout,
+)
+from proxyd.http.relay import ClientGone, ExchangeStats
+from proxyd.http.rules import prepare_request, prepare_response
+from proxyd.websocket.handshake import (
+    ClientUpgrade,
+    check_origin_accept,
+    client_accept_head,
+    is_websocket_upgrade,
+    negotiate_client_deflate,
+    new_key,
+    upstream_request_headers,
+)
+from proxyd.websocket.relay import Session, SessionSettings
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from proxyd.config import WebSocketConfig
+    from proxyd.observe.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+RECEIVE_SIZE: Final = 65536
+_METHOD_PREFIX: Final = b"GET "
+_NETWORK_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+#: Metric labels of handshake failures, by RFC 9209 error type (a bounded set).
+_FAILURE_REASONS: Final = {
+    "http_request_error": "bad_request",
+    "http_request_denied": "bad_request",
+    "proxy_loop_detected": "bad_request",
+    "dns_error": "connect_failed",
+    "dns_timeout": "connect_failed",
+    "connection_refused": "connect_failed",
+    "connection_timeout": "connect_failed",
+    "destination_unavailable": "connect_failed",
+    "tls_protocol_error": "connect_failed",
+    "connection_limit_reached": "limit",
+    "http_response_timeout": "origin_timeout",
+    "http_protocol_error": "bad_response",
+    "http_response_incomplete": "bad_response",
+    "http_response_header_section_size": "bad_response",
+}
+
+
+def failure_reason(error: ProxydError) -> str:
+    """The ``proxyd_websocket_handshake_failures_total`` label for an error."""
+    return _FAILURE_REASONS.get(error.error_type, "other")
+
+
+@dataclass(slots=True)
+class UpgradeContext:
+    """What ``run_upgrade`` needs of the daemon (built once per server by client.py)."""
+
+    config: WebSocketConfig
+    metrics: Metrics
+    pseudonym: bytes
+    via_for_version: Callable[[bytes], bytes | None]
+    #: Bounds each write to the client and each read of a rejection body.
+    io_timeout: float
+    #: Sessions running now (the server's drain sends them 1001).
+    sessions: set[Session]
+    is_draining: Callable[[], bool]
+
+
+async def run_upgrade(
+    context: UpgradeContext,
+    client: trio.abc.Stream,
+    cc: h11.Connection,
+    request: h11.Request,
+    upgrade: ClientUpgrade,
+    upstream: trio.abc.Stream,
+    *,
+    authority: bytes,
+    path: bytes,
+    stats: ExchangeStats,
+    name: str = "ws",
+) -> None:
+    """Run the upgrade on both hops, then the session (see the module docstring).
+
+    Raises ``ProxydError`` while nothing has been sent to the client (``stats.head_sent`` is
+    False); the caller answers with an error response. Does not close ``upstream``.
+    """
+    if context.is_draining():
+        raise ProxyShuttingDown("the proxy is shutting down")
+    config = context.config
+    metrics = context.metrics
+    client_pending = _rest_of_request(cc)
+    via = context.via_for_version(request.http_version)
+    facts = prepare_request(
+        request.headers.raw_items(),
+        authority=authority,
+        via=via,
+        pseudonym=context.pseudonym,
+        is_max_forwards_method=False,
+    )
+    key = new_key(os.urandom(16))
+    headers = upstream_request_headers(
+        facts.headers, key, offer_deflate=bool(upgrade.deflate_offers)
+    )
+    oc = h11.Connection(h11.CLIENT)
+    try:
+        head = oc.send(h11.Request(method=b"GET", target=path, headers=headers))
+        head += oc.send(h11.EndOfMessage())
+    except h11.LocalProtocolError as exc:
+        raise BadRequest(f"cannot forward this upgrade request: {exc}") from None
+    started = trio.current_time()
+    with trio.move_on_after(config.handshake_timeout) as scope:
+        answer = await _exchange_head(oc, upstream, head)
+    if scope.cancelled_caught:
+        raise ResponseTimeout(
+            f"the origin did not answer the WebSocket upgrade within {config.handshake_timeout:g}s"
+        )
+    stats.first_byte_at = trio.current_time()
+    stats.informational = []
+    if type(answer) is h11.Response:
+        await _relay_rejection(context, client, cc, oc, upstream, answer, via, stats)
+        metrics.ws_handshake_failures.labels("origin_rejected").inc()
+        log.info("%s: the origin answered the upgrade with %d", name, answer.status_code)
+        return
+    accepted = check_origin_accept(
+        list(answer.headers.raw_items()),
+        key,
+        upgrade.protocols,
+        offered_deflate=bool(upgrade.deflate_offers),
+        max_message_size=config.max_message_size,
+        via=via,
+    )
+    origin_pending = bytes(oc.trailing_data[0])
+    client_hop = negotiate_client_deflate(upgrade.deflate_offers, config.max_message_size)
+    client_deflate, client_extensions = client_hop if client_hop is not None else (None, None)
+    response = client_accept_head(
+        upgrade.key, accepted.subprotocol, client_extensions, accepted.headers
+    )
+    stats.status = 101
+    await _send(client, response, context.io_timeout)
+    stats.head_sent = True
+    log.debug(
+        "%s: session open after %.1f ms (deflate client=%s origin=%s)",
+        name,
+        (trio.current_time() - started) * 1000,
+        client_deflate is not None,
+        accepted.deflate is not None,
+    )
+    session = Session(
+        client,
+        upstream,
+        SessionSettings.from_config(config),
+        client_deflate=client_deflate,
+        origin_deflate=accepted.deflate,
+        client_pending=client_pending,
+        origin_pending=origin_pending,
+        metrics=metrics,
+        name=name,
+    )
+    # The handshake's objects are not needed while the session runs (memory per idle session).
+    del oc, head, headers, facts, answer, accepted, response, client_hop
+    context.sessions.add(session)
+    if context.is_draining():
+        session.drain()
+    try:
+        result = await session.run()
+    finally:
+        context.sessions.discard(session)
+    stats.bytes_in = result.bytes_up
+    stats.bytes_out = result.bytes_down
+
+
+def _rest_of_request(cc: h11.Connection) -> bytes:
+    """Consume the (bodiless) upgrade request to its end; return what the client sent after
+    it (RFC 6455 §4.1: a client may not send frames before the 101, but bytes are never lost)."""
+    try:
+        while cc.their_state is h11.SEND_BODY:
+            event = cc.next_event()
+            if event is h11.NEED_DATA:
+                break
+    except h11.RemoteProtocolError:
+        pass
+    return bytes(cc.trailing_data[0])
+
+
+async def _send(stream: trio.abc.Stream, data: bytes, timeout: float) -> None:
+    with trio.move_on_after(timeout) as scope:
+        try:
+            await stream.send_all(data)
+        except _NETWORK_ERRORS as exc:
+            raise ClientGone("the client went away during the WebSocket handshake") from exc
+    if scope.cancelled_caught:
+        raise ClientGone(f"the client did not read for {timeout:g}s")
+
+
+async def _exchange_head(
+    oc: h11.Connection, upstream: trio.abc.Stream, head: bytes
+) -> h11.Response | h11.InformationalResponse:
+    """Send the upgrade, return the origin's 101 or final response head."""
+    try:
+        await upstream.send_all(head)
+        while True:
+            event = oc.next_event()
+            if event is h11.NEED_DATA:
+                data = await upstream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    raise ResponseIncomplete("the origin closed the connection during the upgrade")
+                oc.receive_data(bytes(data))
+                continue
+            if type(event) is h11.InformationalResponse:
+                assert isinstance(event, h11.InformationalResponse)
+                if event.status_code == 101:
+                    return event
+                continue  # 100, 103: nothing for a WebSocket client
+            if type(event) is h11.Response:
+                assert isinstance(event, h11.Response)
+                return event
+            raise BadResponse(f"unexpected event from the origin: {type(event).__name__}")
+    except h11.RemoteProtocolError as exc:
+        raise BadResponse(f"the origin's answer to the upgrade is not HTTP/1.1: {exc}") from None
+    except _NETWORK_ERRORS as exc:
+        raise ResponseIncomplete(
+            f"the origin connection failed during the upgrade: {exc}"
+        ) from None
+
+
+async def _relay_rejection(
+    context: UpgradeContext,
+    client: trio.abc.Stream,
+    cc: h11.Connection,
+    oc: h11.Connection,
+    upstream: trio.abc.Stream,
+    response: h11.Response,
+    via: bytes | None,
+    stats: ExchangeStats,
+) -> None:
+    """The origin said no: relay its answer with the body, streamed (each read bounded by
+    ``io_timeout``). The connection ends after it, so a body the origin cuts short stays short
+    (never complete-looking) for the client."""
+    headers = prepare_response(response.headers.raw_items(), via=via)
+    headers.append((b"Connection", b"close"))
+    try:
+        data = cc.send(
+            h11.Response(status_code=response.status_code, headers=headers, reason=response.reason)
+        )
+    except h11.LocalProtocolError as exc:
+        raise BadResponse(f"cannot relay the origin's answer: {exc}") from None
+    stats.status = response.status_code
+    timeout = context.io_timeout
+    while True:
+        try:
+            event = oc.next_event()
+        except h11.RemoteProtocolError:
+            break
+        if event is h11.NEED_DATA:
+            if data:
+                await _send(client, data, timeout)
+                stats.head_sent = True
+                data = b""
+            chunk: bytes | bytearray | None = None
+            with trio.move_on_after(timeout), contextlib.suppress(*_NETWORK_ERRORS):
+                chunk = await upstream.receive_some(RECEIVE_SIZE)
+            if chunk is None:
+                break
+            oc.receive_data(bytes(chunk))
+        elif type(event) is h11.Data:
+            assert isinstance(event, h11.Data)
+            stats.bytes_out += len(event.data)
+            data += cc.send(h11.Data(data=event.data))
+        elif type(event) is h11.EndOfMessage:
+            data += cc.send(h11.EndOfMessage())
+            break
+        else:
+            break
+    if data:
+        await _send(client, data, timeout)
+    stats.head_sent = True
+
+
+# --- CONNECT tunnels ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Sniffed:
+    """What ``sniff_tunnel`` saw. ``request`` set: a WebSocket upgrade parsed into ``conn``;
+    otherwise pass ``client_bytes`` upstream and ``origin_bytes`` to the client, then tunnel."""
+
+    client_bytes: bytes = b""
+    origin_bytes: bytes = b""
+    conn: h11.Connection | None = None
+    request: h11.Request | None = None
+    #: Nothing came from either side within the tunnel's idle timeout: end the tunnel.
+    idle: bool = False
+
+
+def _could_be_get(data: bytes) -> bool:
+    return data[: len(_METHOD_PREFIX)] == _METHOD_PREFIX[: len(data)]
+
+
+async def sniff_tunnel(
+    client: trio.abc.Stream,
+    upstream: trio.abc.Stream,
+    initial: bytes,
+    *,
+    timeout: float,
+    idle_timeout: float = 0.0,
+    max_head: int,
+) -> Sniffed:
+    """Look at the first bytes of a fresh CONNECT tunnel (see the module docstring). The wait
+    is bounded by ``timeout``, and by the tunnel's ``idle_timeout`` when it has one."""
+    result = Sniffed(client_bytes=initial)
+    buffer = bytearray(initial)
+
+    def decided() -> bool:
+        if not _could_be_get(bytes(buffer[:4])):
+            return True
+        return b"\r\n\r\n" in buffer or len(buffer) > max_head
+
+    if decided():
+        return _classify(result, bytes(buffer), max_head)
+    idle_bound = 0 < idle_timeout <= timeout
+    with trio.move_on_after(idle_timeout if idle_bound else timeout) as waited:
+        async with trio.open_nursery() as nursery:
+
+            async def read_client() -> None:
+                while True:
+                    try:
+                        data = await client.receive_some(RECEIVE_SIZE)
+                    except _NETWORK_ERRORS:
+                        data = b""
+                    if not data:
+                        break
+                    buffer.extend(data)
+                    if decided():
+                        break
+                nursery.cancel_scope.cancel()
+
+            async def read_origin() -> None:
+                # Protocols where the server talks first never send an HTTP request.
+                try:
+                    data = await upstream.receive_some(RECEIVE_SIZE)
+                except _NETWORK_ERRORS:
+                    data = b""
+                result.origin_bytes = bytes(data)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(read_client)
+            nursery.start_soon(read_origin)
+    result.client_bytes = bytes(buffer)
+    if waited.cancelled_caught and idle_bound and not buffer:
+        result.idle = True
+    if result.origin_bytes:
+        return result
+    return _classify(result, result.client_bytes, max_head)
+
+
+def _classify(result: Sniffed, data: bytes, max_head: int) -> Sniffed:
+    result.client_bytes = data
+    if not data.startswith(_METHOD_PREFIX) or b"\r\n\r\n" not in data:
+        return result
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
+    conn.receive_data(data)
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError:
+        return result
+    if type(event) is not h11.Request:
+        return result
+    assert isinstance(event, h11.Request)
+    if not is_websocket_upgrade(event.headers.raw_items()):
+        return result
+    result.conn = conn
+    result.request = event
+    return result
+
+
+__all__ = [
+    "Sniffed",
+    "UpgradeContext",
+    "failure_reason",
+    "run_upgrade",
+    "sniff_tunnel",
+]
