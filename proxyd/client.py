@@ -822,6 +822,8 @@ class ClientConnection:
             ),
             (b"Cache-Control", b"no-store"),
         ]
+        if error.cache_status is not None:
+            headers.append((b"Cache-Status", error.cache_status))
         if isinstance(error, ProxyAuthRequired) and services.auth is not None:
             realm = services.config.auth.realm
             headers.append(

@@ -16,6 +16,8 @@ class ProxydError(Exception):
     error_type: str = "proxy_internal_error"
     #: Whether the client connection must be closed after the error response.
     close_connection: bool = False
+    #: RFC 9211 Cache-Status member when the error happened on the cache's path.
+    cache_status: bytes | None = None
 
     def __init__(self, detail: str, *, next_hop: str | None = None, proxy_failure: bool = False):
         super().__init__(detail)

@@ -71,8 +71,30 @@ UNSHAREABLE_MEMORY: Final = 10_000
 CACHEABLE_METHODS: Final = frozenset({b"GET", b"HEAD"})
 SAFE_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
 # RFC 9110 §13.1: the client's preconditions are evaluated by us when we revalidate with our own.
+# Range goes too: a 206 of a changed representation would be spliced into the client's old
+# bytes once If-Range is gone (RFC 9110 §13.1.5); the range is served from the store instead.
 _CLIENT_VALIDATORS: Final = frozenset(
-    {b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since", b"if-range"}
+    {
+        b"if-none-match",
+        b"if-modified-since",
+        b"if-match",
+        b"if-unmodified-since",
+        b"if-range",
+        b"range",
+    }
+)
+# A request with one of these can make the origin's answer unshareable by itself (206, 304,
+# private to its credentials): it neither leads a flight nor marks a URL as unshareable.
+_PERSONAL_FIELDS: Final = frozenset(
+    {
+        b"range",
+        b"if-none-match",
+        b"if-modified-since",
+        b"if-match",
+        b"if-unmodified-since",
+        b"if-range",
+        b"authorization",
+    }
 )
 _FRAMING: Final = frozenset({b"content-length", b"transfer-encoding"})
 
@@ -149,9 +171,16 @@ class HttpCache:
             await self._unsafe(method, target, stats, upstream_headers, fetch)
             return
         key = policy.cache_key(target.scheme, target.authority, target.path)
-        await self._lookup_and_answer(
-            client, method, request_headers, key, upstream_headers, stats, fetch, coalesce=True
-        )
+        try:
+            await self._lookup_and_answer(
+                client, method, request_headers, key, target, upstream_headers, stats, fetch,
+                coalesce=_is_plain(request_headers),
+            )  # fmt: skip
+        except ProxydError as exc:
+            # RFC 9211: an error we generate says what the cache did, too.
+            if exc.cache_status is None:
+                exc.cache_status = policy.cache_status(self.name, fwd="miss", detail=exc.error_type)
+            raise
 
     async def _lookup_and_answer(
         self,
@@ -159,6 +188,7 @@ class HttpCache:
         method: bytes,
         request_headers: list[Header],
         key: str,
+        target: Target,
         upstream_headers: list[Header],
         stats: ExchangeStats,
         fetch: Fetch,
@@ -184,7 +214,9 @@ class HttpCache:
                 return
             action = Action.FETCH  # the body vanished (evicted or purged) since the lookup
         elif action is Action.SERVE_STALE_REVALIDATE and entry is not None:
-            self._start_background_revalidation(key, entries, request_headers, upstream_headers)
+            self._start_background_revalidation(
+                key, target, entries, request_headers, upstream_headers
+            )
             status = policy.cache_status(
                 self.name, hit=True, ttl=decision.ttl, detail="stale-while-revalidate"
             )
@@ -224,7 +256,7 @@ class HttpCache:
                 return
             if flight.outcome is Outcome.REVALIDATED:
                 await self._lookup_and_answer(
-                    client, method, request_headers, key, upstream_headers, stats, fetch,
+                    client, method, request_headers, key, target, upstream_headers, stats, fetch,
                     coalesce=False,
                 )  # fmt: skip
                 return
@@ -275,6 +307,7 @@ class HttpCache:
             headers.extend(decision.conditional)
         stale = _entry_of(entries, decision.stored)
         tap = _Tap(self, method, request_headers, key, entries, decision, revalidating, flight)
+        tap.upstream_fields = upstream_headers
         try:
             await fetch(headers, tap)
         except ProxydError as exc:
@@ -291,7 +324,7 @@ class HttpCache:
                     self._stale.inc()
                     stats.cache = "stale"
                     return
-            if revalidating and stale is not None and _must_revalidate(stale.stored):
+            if stale is not None and _must_revalidate(stale.stored):
                 failure = RevalidationFailed(
                     f"cannot revalidate a response that must be revalidated: {exc.detail}",
                     next_hop=exc.next_hop,
@@ -437,6 +470,7 @@ class HttpCache:
     def _start_background_revalidation(
         self,
         key: str,
+        target: Target,
         entries: list[Entry],
         request_headers: list[Header],
         upstream_headers: list[Header],
@@ -452,12 +486,13 @@ class HttpCache:
         self._background_keys.add(key)
         self.metrics.cache_background_revalidations.inc()
         self._background.start_soon(
-            self._revalidate_in_background, key, entries, request_headers, upstream_headers
+            self._revalidate_in_background, key, target, entries, request_headers, upstream_headers
         )
 
     async def _revalidate_in_background(
         self,
         key: str,
+        target: Target,
         entries: list[Entry],
         request_headers: list[Header],
         upstream_headers: list[Header],
@@ -478,16 +513,17 @@ class HttpCache:
             )  # fmt: skip
             tap = _Tap(self, b"GET", request_headers, key, entries, decision, True, flight)
             tap.background = True
-            target = _target_of(key)
             try:
-                with trio.move_on_after(self.head_timeout + self.idle_timeout):
-                    await self.background_fetch(target, headers, tap)
+                await self.background_fetch(target, headers, tap)
                 if tap.verdict == "not-modified":
                     await self._freshen(tap)
                     flight.publish(Outcome.REVALIDATED)
                     self._revalidated.inc()
             except (ProxydError, ResponseAborted, OSError, trio.BrokenResourceError) as exc:
                 log.info("background revalidation of %s failed: %s", key, exc)
+            except Exception:
+                # Never let a background refresh take the daemon's nursery down with it.
+                log.exception("background revalidation of %s failed", key)
             finally:
                 await tap.close()
         finally:
@@ -574,7 +610,7 @@ class HttpCache:
                     raise ResponseAborted(
                         "http_response_incomplete", "the response being followed broke off"
                     )
-                if not await flight.wait_progress(self.idle_timeout):
+                if not await flight.wait_progress(2 * self.idle_timeout):
                     raise ResponseAborted(
                         "connection_read_timeout", "the response being followed stalled"
                     )
@@ -835,7 +871,7 @@ class _Tap:
                     )
         if writer is None and flight is not None:
             flight.publish(Outcome.UNSHAREABLE)
-        if self.method == b"GET":
+        if self.method == b"GET" and _is_plain(self.request_headers):
             cache.remember_shareable(self.key, writer is not None)
         if self.verdict != "background":
             if reason is None:
@@ -1011,10 +1047,15 @@ def _consume_request_end(cc: h11.Connection) -> None:
             raise ProxydError("a cacheable request unexpectedly carried a body")
 
 
-def _target_of(key: str) -> Target:
-    from proxyd.http.messages import parse_absolute_target
-
-    return parse_absolute_target(key.encode("ascii"))
+def _is_plain(request_headers: list[Header]) -> bool:
+    """No range, precondition or credentials: any other plain GET would get the same answer."""
+    for name, value in request_headers:
+        lowered = name.lower()
+        if lowered in _PERSONAL_FIELDS:
+            return False
+        if lowered == b"cache-control" and b"no-store" in value.lower():
+            return False
+    return True
 
 
 __all__ = ["HttpCache", "RevalidationFailed"]

@@ -271,7 +271,9 @@ async def forward(
     # Only now touch the request body: a proxy failure above must leave the request intact
     # for failover to the next route (nothing of it has been consumed yet).
     try:
-        first = cc.next_event()
+        # A second forward of the same request (the cache's retry after a 304 that selected
+        # nothing) finds the request already read: it has no body to relay.
+        first = cc.next_event() if cc.their_state is h11.SEND_BODY else _END
     except BaseException:
         pool.release(conn, reusable=False)
         raise
@@ -643,7 +645,10 @@ async def _relay_response(
             else:
                 out.append(cc.send(_END))
             if client_gone is None:
-                await _send_client(client, out, idle, stats)
+                try:
+                    await _send_client(client, out, idle, stats)
+                except ClientGone as exc:
+                    client_gone = exc  # the body is complete: still finish the sink
             if sink is not None:
                 await sink.end()
             if client_gone is not None:
