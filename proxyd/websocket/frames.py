@@ -253,7 +253,7 @@ class BoundedDeflate(PerMessageDeflate):
         peer_resets = (
             self.server_no_context_takeover if proto.client else (self.client_no_context_takeover)
         )
-        if peer_resets:
+        if peer_resets or (self._inflater is not None and self._inflater.eof):
             self._inflater = None
         return result
 

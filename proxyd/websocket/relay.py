@@ -243,7 +243,7 @@ class Session:
                 nursery.start_soon(self._read_loop, self._hops[Side.CLIENT])
                 nursery.start_soon(self._read_loop, self._hops[Side.ORIGIN])
                 settings = self.settings
-                if settings.ping_interval > 0 or settings.idle_timeout > 0:
+                if settings.ping_interval > 0 or settings.idle_timeout > 0 or self._drain_requested:
                     self._start_timer()
             finished = True
         finally:
@@ -459,7 +459,8 @@ class Session:
     async def _send_control(self, hop: _Hop, data: bytearray) -> None:
         failed = False
         async with hop.lock:
-            if not self._machine.may_send(hop.side):
+            # RFC 6455 §5.5.2: pings are answered until the peer's Close, even after our own
+            if self._machine.state(hop.side) > HopState.CLOSE_SENT:
                 return
             try:
                 await hop.stream.send_all(data)
