@@ -363,6 +363,9 @@ class HttpCache:
                 stats.cache = "stale"
                 return
             raise RevalidationFailed(f"the origin answered {tap.status} and the stale copy is gone")
+        if tap.method == b"HEAD" and tap.status == 200 and tap.entries:
+            await self._after_head(tap)
+            return
         if tap.verdict != "not-modified":
             return
         # §4.3.4: freshen every stored response the 304 selects, then serve the one that fits.
@@ -385,6 +388,22 @@ class HttpCache:
         status = policy.cache_status(self.name, fwd=tap.decision.fwd or "stale", fwd_status=304)
         if not await self._serve_stored(client, method, request_headers, chosen, stats, status):
             raise RevalidationFailed("the revalidated response vanished from the store")
+
+    async def _after_head(self, tap: _Tap) -> None:
+        """RFC 9111 §4.3.5: a 200 to a HEAD we forwarded freshens the stored GET response it
+        validates, and invalidates the stored responses when its validators say they changed."""
+        if not any(name.lower() in (b"etag", b"last-modified") for name, _ in tap.raw_headers):
+            return  # nothing to compare: leave the stored responses as they are
+        selected = policy.select_for_304([e.stored for e in tap.entries], tap.raw_headers)
+        if not selected:
+            await self._invalidate([tap.key], "head_mismatch")
+            return
+        for index in selected:
+            entry = tap.entries[index]
+            headers = policy.freshen_headers(
+                entry.stored.headers, tap.raw_headers, received=tap.response_time
+            )
+            await self.store.update(entry, headers, tap.request_time, tap.response_time)
 
     async def _freshen(self, tap: _Tap) -> Entry | None:
         # The 304 answers the conditional built from decision.validated (§4.3.1), so those are

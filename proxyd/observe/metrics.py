@@ -255,7 +255,7 @@ class Metrics:
         )
         self.cache_invalidations = Counter(
             "proxyd_cache_invalidations_total",
-            "Stored responses removed, by cause (unsafe_method, purge)",
+            "Stored responses removed, by cause (unsafe_method, purge, head_mismatch)",
             ["cause"],
             registry=registry,
         )
