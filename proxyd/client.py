@@ -659,6 +659,12 @@ class ClientConnection:
             if not stats.head_sent:
                 services.metrics.ws_handshake_failures.labels(failure_reason(exc)).inc()
             raise
+        except ClientGone:
+            # Left before its 101 or during a relayed rejection (a session never raises it):
+            # not a ProxydError, so counted here; _serve re-raises after this one line.
+            services.metrics.ws_handshake_failures.labels("client_gone").inc()
+            self._finish(request.method, request.target, started, stats, error_type="client_gone")
+            raise
         if stats.status != 101:
             self._linger = True  # a relayed rejection: unread client bytes must not reset it
         self._finish(request.method, request.target, started, stats, route=stats.route)
@@ -709,6 +715,12 @@ class ClientConnection:
             text_url = url.decode("ascii", "replace")
             await self._send_error(exc, inner.method, text_url, started, stats)
             return
+        except ClientGone:
+            # The line is the inner request's, like a session's; _serve's own for the CONNECT
+            # is then a no-op (one line per request, _finish).
+            services.metrics.ws_handshake_failures.labels("client_gone").inc()
+            self._finish(inner.method, url, started, stats, error_type="client_gone")
+            raise
         if stats.status != 101:
             self._linger = True  # a relayed rejection: unread client bytes must not reset it
         self._finish(inner.method, url, started, stats, route=stats.route)

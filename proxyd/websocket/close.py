@@ -45,9 +45,22 @@ session idle (idle_timeout)   1001        1001 "session idle for Ns"
 
 The outcome of the session is its first cause (``Outcome``); a session where nothing went wrong
 is ``clean``. EOF after a side sent its Close is not a vanishing: that side did its part.
+EOF after a side's Close with our reply still owed is a half-close (the peer did
+``shutdown(SHUT_WR)``): the hop stays CLOSE_RECEIVED, so the reply is still written (RFC 6455
+§5.5.1: the endpoint that received a Close sends one back); the other side's reply deadline bounds
+the wait. A reset there cannot be written to: the hop is GONE.
+
 Keepalive (``ping_interval`` > 0): each open hop gets a ping every interval; a hop that does not
-answer within ``pong_timeout`` is dead — unless its reader is stalled forwarding to the other
-side (then its pong is only queued behind data we are not reading, and the clock restarts).
+answer within ``pong_timeout`` is dead — with two excuses, each restarting the clock:
+
+- its reader is stalled forwarding to the other side (its pong is queued behind data we are not
+  reading);
+- our writes to it make progress (``on_write_progress``: the ping itself was written, or a batch
+  for it went out). A slow but live reader drains what we send; our ping to it may wait for the
+  hop's write lock and then sit behind megabytes of socket buffer, so its pong can be late by far
+  more than ``pong_timeout``. Progress is what a dead peer cannot fake: once it stops reading,
+  the buffers fill, our writes block, and the clock runs out ``pong_timeout`` after the last one.
+  (Excusing a *blocked* write instead would keep a dead peer alive forever.)
 """
 
 from __future__ import annotations
@@ -305,11 +318,17 @@ class CloseMachine:
         prior = hop.state
         if prior >= HopState.CLOSED:
             return []
-        hop.state = HopState.GONE
         hop.reply_deadline = None
-        actions: list[Action] = [AbortHop(side)]
         if prior is HopState.CLOSE_RECEIVED:
-            return actions  # it sent its Close and left without our reply: its part is done
+            # It sent its Close and left: its part is done. After EOF (a half-close) our reply
+            # can still be written (RFC 6455 §5.5.1); the other side's reply deadline, or its
+            # end, brings it. After a reset there is nobody to write to.
+            if ending is Ending.EOF:
+                return []
+            hop.state = HopState.GONE
+            return [AbortHop(side)]
+        hop.state = HopState.GONE
+        actions: list[Action] = [AbortHop(side)]
         self._note_outcome(Outcome.PEER_VANISHED)
         code, reason = vanished_close(side, ending)
         self._tell_other(side, code, reason, now, actions)
@@ -360,6 +379,13 @@ class CloseMachine:
 
     def on_pong(self, side: Side) -> None:
         self._hops[side].ping_sent = None
+
+    def on_write_progress(self, side: Side, now: float) -> None:
+        """A write to ``side`` completed (our ping, or a batch): a ping outstanding there gets
+        ``pong_timeout`` from now (see the module docstring: slow but live readers)."""
+        hop = self._hops[side]
+        if hop.ping_sent is not None:
+            hop.ping_sent = now
 
     def on_tick(self, now: float, stalled: tuple[bool, bool] = (False, False)) -> list[Action]:
         """Act on every deadline that has passed. ``stalled[side]``: that side's reader is

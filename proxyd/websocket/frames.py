@@ -1,13 +1,14 @@
 """WebSocket frames for one hop: a lean encoder and a bounded permessage-deflate (pure, no I/O).
 
-How it works: the relay decodes each hop with wsproto's ``FrameProtocol`` (masking, fragment and
-UTF-8 checks, close payload checks, extensions) and re-encodes for the other hop with
-``FrameEncoder``. The encoder is ours rather than wsproto's because the relay must be able to
-send data to a peer that has already sent its Close (RFC 6455 §5.5.1: the side that has not
-closed yet may go on sending until it sends its own Close; wsproto's ``Connection`` refuses), and
-because it is on the per-message path: it appends each frame to the caller's ``bytearray`` (one
-``send_all`` per batch), masks small payloads with one big-integer XOR, and draws
-masking keys from a 4 KiB pool of ``os.urandom`` bytes instead of one system call per frame
+How it works: the relay decodes each hop with ``PlainDecoder`` (no extensions) or wsproto's
+``FrameProtocol`` (masking, fragment and UTF-8 checks, extensions; Close payloads are checked by
+our ``_close_payload`` on both, so both hops accept the same codes) and re-encodes for the other
+hop with ``FrameEncoder``. The encoder is ours rather than wsproto's because the relay must be
+able to send data to a peer that has already sent its Close (RFC 6455 §5.5.1: the side that has
+not closed yet may go on sending until it sends its own Close; wsproto's ``Connection``
+refuses), and because it is on the per-message path: it appends each frame to the caller's
+``bytearray`` (one ``send_all`` per batch), masks small payloads with one big-integer XOR, and
+draws masking keys from a 4 KiB pool of ``os.urandom`` bytes instead of one system call per frame
 (RFC 6455 §5.3 asks for keys from a strong source of entropy; the pool is that source).
 
 ``BoundedDeflate`` is wsproto's ``PerMessageDeflate`` (RFC 7692) with its inbound half replaced:
@@ -29,6 +30,7 @@ from typing import Any, Final
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import (
     CloseReason,
+    Frame,
     FrameDecoder,
     FrameProtocol,
     Opcode,
@@ -483,14 +485,28 @@ def _utf8_checker() -> Any:
     return codecs.getincrementaldecoder("utf-8")()
 
 
+class _FrameProtocol(FrameProtocol):
+    """wsproto's parser with our Close payload check (``_close_payload``), so both decoders
+    accept the same codes: wsproto only knows the codes of its ``CloseReason`` enum and refuses
+    registered ones it lacks (1014 Bad Gateway) as "unknown reserved" (RFC 6455 §7.4.2: codes
+    1000-2999 are assigned by IANA, and a proxy must relay every assigned one)."""
+
+    def _process_close(self, frame: Frame) -> Frame:
+        payload = frame.payload
+        assert isinstance(payload, bytes | bytearray)
+        close: Any = _close_payload(payload)  # (None, "") for no code, where wsproto says 1005
+        return Frame(frame.opcode, close, frame.frame_finished, frame.message_finished)
+
+
 class WsprotoDecoder:
     """wsproto's ``FrameProtocol`` behind the same ``feed`` as ``PlainDecoder``: used on a hop
-    with permessage-deflate (``BoundedDeflate`` plugs into it)."""
+    with permessage-deflate (``BoundedDeflate`` plugs into it). Close payloads are checked by
+    ``_close_payload``, as on plain hops."""
 
     __slots__ = ("_protocol",)
 
     def __init__(self, *, client: bool, extensions: list[Any]) -> None:
-        self._protocol = FrameProtocol(client=client, extensions=extensions)
+        self._protocol = _FrameProtocol(client=client, extensions=extensions)
 
     def feed(self, data: bytes | bytearray) -> list[Decoded]:
         protocol = self._protocol
@@ -503,8 +519,7 @@ class WsprotoDecoder:
                 if isinstance(payload, str):
                     item = payload.encode("utf-8")
                 elif isinstance(payload, tuple):
-                    code, reason = payload
-                    item = (None if code == CloseReason.NO_STATUS_RCVD else int(code), reason)
+                    item = payload  # (code or None, reason) from _close_payload
                 else:
                     item = payload
                 out.append((int(frame.opcode), item, frame.message_finished))

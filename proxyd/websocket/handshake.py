@@ -116,9 +116,16 @@ def parse_extensions(values: Iterable[bytes]) -> list[Extension]:
 
 def _canonical_deflate(params: Sequence[tuple[str, str | None]], *, offer: bool) -> str | None:
     """The params as ``permessage-deflate; a; b=9`` for wsproto, or None when RFC 7692 §7 does
-    not allow them (unknown or repeated params, flags with values, window bits outside 9..15 —
-    8 is legal but zlib cannot honour it for raw deflate). In an offer client_max_window_bits
-    may have no value; in a response it needs one."""
+    not allow them (unknown or repeated params, flags with values, window bits outside 8..15).
+    In an offer client_max_window_bits may have no value; in a response it needs one.
+
+    Window bits 8 (RFC 7692 §7.1.2: legal) only where proxyd inflates: a response's
+    server_max_window_bits=8 is the origin's promise to use a window of at most 256 bytes, and
+    inflating with the full 15-bit window reads any smaller window's stream, so it is accepted
+    and left out (wsproto's default, 15). Where proxyd would have to *compress* with 8 bits
+    (client_max_window_bits=8 in a response, server_max_window_bits=8 in a client's offer), it
+    refuses: zlib cannot produce a raw deflate stream with a 256-byte window. A client's
+    client_max_window_bits=8 is refused too: wsproto cannot configure it."""
     seen: set[str] = set()
     out = [DEFLATE]
     for name, value in params:
@@ -135,8 +142,12 @@ def _canonical_deflate(params: Sequence[tuple[str, str | None]], *, offer: bool)
                     return None
                 out.append(name)
                 continue
-            if not value.isdigit() or not 9 <= int(value) <= 15:
+            if not value.isdigit() or not 8 <= int(value) <= 15:
                 return None
+            if int(value) == 8:
+                if offer or name != "server_max_window_bits":
+                    return None
+                continue  # inflate with 15 bits (see above)
             out.append(f"{name}={int(value)}")
         else:
             return None

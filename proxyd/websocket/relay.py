@@ -26,6 +26,12 @@ again).
 - Writes to one hop are serialized by a per-hop lock (a reader's batch, the other reader's pongs
   and closes, the timer's pings). A batch checks ``may_send`` after taking the lock, so no data
   frame ever follows our Close on a hop.
+- With keepalive on, every completed write to a hop is reported to the machine
+  (``on_write_progress``): a pong clock runs from when the ping was actually written, and a slow
+  reader that is still draining what we send is not taken for dead (see ``close.py``). Large
+  batches go out in ``_PROGRESS_SLICE`` pieces so that progress is seen often.
+- A peer that sends its Close and then half-closes (EOF) still gets our reply: its reader stops
+  reading but keeps the stream open (bounded by ``close_timeout``) until the reply is written.
 - When both readers have seen their hop end, the nursery is cancelled (timer, helpers), both
   streams are closed, and the outcome is counted once.
 """
@@ -81,6 +87,8 @@ _FLUSH_AT: Final = 1 << 20
 #: about 1,032 times as much (deflate's maximum ratio) before the batch can be flushed.
 _DEFLATE_SLICE: Final = 4096
 _PING_PAYLOAD: Final = b"proxyd"
+#: With keepalive on, a batch is written in pieces this large, each one reported as progress.
+_PROGRESS_SLICE: Final = 1 << 16
 _NETWORK_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 TOO_BIG: Final = CloseReason.MESSAGE_TOO_BIG
 
@@ -120,6 +128,7 @@ class SessionStats:
 
 class _Hop:
     __slots__ = (
+        "close_pending",
         "close_written",
         "decoder",
         "encoder",
@@ -164,6 +173,8 @@ class _Hop:
         self.messages = 0
         self.payload_bytes = 0
         self.stalled = False
+        #: The machine has decided on our Close to this hop (it may not be written yet).
+        self.close_pending = False
         self.close_written = trio.Event()
         self.reader_done = trio.Event()
 
@@ -203,6 +214,7 @@ class Session:
             pong_timeout=settings.pong_timeout,
             idle_timeout=settings.idle_timeout,
         )
+        self._keepalive = settings.ping_interval > 0
         self._nursery: trio.Nursery | None = None
         self._timer_scope: trio.CancelScope | None = None
         self._timer_running = False
@@ -330,6 +342,20 @@ class Session:
                     await self._process(hop, data)
             if ending is not None and machine.state(hop.side) < HopState.CLOSED:
                 await self._execute(machine.on_vanished(hop.side, ending, trio.current_time()))
+            state = machine.state(hop.side)
+            if ending is Ending.EOF and (
+                state is HopState.CLOSE_RECEIVED
+                or (
+                    hop.close_pending
+                    and not hop.close_written.is_set()
+                    and state is not HopState.GONE  # aborted: nothing more can be written
+                )
+            ):
+                # The peer half-closed after its Close (the machine keeps the hop), or our
+                # Close to it is on its way: keep the stream open until it is written (RFC 6455
+                # §5.5.1: the endpoint that received a Close sends one back), then close it.
+                with trio.move_on_after(self.settings.close_timeout):
+                    await hop.close_written.wait()
         finally:
             # FIN after the peer's FIN (or after ours on the client hop): nothing unread is
             # left, so the kernel closes without a reset.
@@ -446,7 +472,10 @@ class Session:
         try:
             if self._machine.may_send(other.side):
                 hop.stalled = True
-                await other.stream.send_all(out)
+                if not self._keepalive:
+                    await other.stream.send_all(out)
+                else:
+                    await self._send_in_slices(other, out)
         except _NETWORK_ERRORS:
             failed = True
         finally:
@@ -455,6 +484,23 @@ class Session:
             del out[:]
         if failed:
             await self._execute(self._machine.on_send_failed(other.side, trio.current_time()))
+
+    async def _send_in_slices(self, hop: _Hop, out: bytearray) -> None:
+        """Keepalive on: write ``out`` to ``hop`` reporting each completed piece as progress
+        (the lock is held: the pieces cannot interleave with other writes)."""
+        stream = hop.stream
+        machine = self._machine
+        side = hop.side
+        if len(out) <= _PROGRESS_SLICE:
+            await stream.send_all(out)
+        else:
+            # Copies, not memoryview slices: a view kept alive by a traceback would make the
+            # caller's ``del out[:]`` fail. Only big batches (inflated messages) get here.
+            for start in range(0, len(out), _PROGRESS_SLICE):
+                await stream.send_all(out[start : start + _PROGRESS_SLICE])
+                machine.on_write_progress(side, trio.current_time())
+            return
+        machine.on_write_progress(side, trio.current_time())
 
     async def _send_control(self, hop: _Hop, data: bytearray) -> None:
         failed = False
@@ -466,14 +512,25 @@ class Session:
                 await hop.stream.send_all(data)
             except _NETWORK_ERRORS:
                 failed = True
+            else:
+                if self._keepalive:
+                    self._machine.on_write_progress(hop.side, trio.current_time())
         if failed:
             await self._execute(self._machine.on_send_failed(hop.side, trio.current_time()))
 
     # --- actions -----------------------------------------------------------------------------
 
+    def _mark_closes(self, actions: list[Action]) -> None:
+        """Note the Closes decided, before any await: a reader at EOF keeps its stream open
+        for one that is not written yet."""
+        for action in actions:
+            if type(action) is SendClose:
+                self._hops[action.side].close_pending = True
+
     async def _execute(self, actions: list[Action]) -> None:
         if not actions:
             return
+        self._mark_closes(actions)
         self._rearm()
         for action in actions:
             hop = self._hops[action.side]
@@ -516,6 +573,9 @@ class Session:
                 await hop.stream.send_all(frame)
             except _NETWORK_ERRORS:
                 return  # the reader sees the broken connection
+            # The pong clock runs from now, not from when the ping was due: this write may have
+            # waited for the lock behind a batch to a slow reader (close.py, keepalive).
+            self._machine.on_write_progress(hop.side, trio.current_time())
         if self._metrics is not None:
             self._metrics.ws_pings.inc()
 
@@ -570,6 +630,7 @@ class Session:
             if actions:
                 # Never block the timer on a slow peer: the actions run in their own task.
                 assert self._nursery is not None
+                self._mark_closes(actions)
                 self._nursery.start_soon(self._execute, actions)
 
 

@@ -10,11 +10,16 @@ per-host tunnel limit are the caller's, see ``client.py``):
    client connection, and the answer is awaited within ``websocket.handshake_timeout``
    (``ResponseTimeout``, 504). Interim 1xx answers other than 101 are skipped.
 3. A final non-101 answer (403 with a body, 426, a redirect) is relayed to the client as that
-   response, body streamed, and the connection ends after it (``origin_rejected``).
+   response, body streamed, and the connection ends after it (``origin_rejected``). Each read of
+   the body is bounded by ``io_timeout`` and the whole relay by ``handshake_timeout +
+   io_timeout``, so an origin that trickles its body cannot hold the connection forever.
 4. A 101 is checked (``handshake.check_origin_accept``, ``BadResponse`` 502 when invalid); the
    bytes that came after it in the same read are kept for the session; the client gets its own 101
    and the ``relay.Session`` runs. The session is listed in ``sessions`` while it runs so the
    server's drain can reach it.
+
+A client that goes away before its 101 (or during a relayed rejection) surfaces as
+``ClientGone``; the caller counts it (``client_gone``) and writes the access-log line.
 
 ``sniff_tunnel`` decides what a CONNECT tunnel carries: it waits for the first bytes of either
 side. The origin talking first (a banner) or a first byte that cannot begin ``GET`` (TLS begins
@@ -157,9 +162,17 @@ async def run_upgrade(
     stats.first_byte_at = trio.current_time()
     stats.informational = []
     if type(answer) is h11.Response:
-        await _relay_rejection(context, client, cc, oc, upstream, answer, via, stats)
+        deadline = trio.current_time() + config.handshake_timeout + context.io_timeout
+        complete = await _relay_rejection(
+            context, client, cc, oc, upstream, answer, via, stats, deadline
+        )
         metrics.ws_handshake_failures.labels("origin_rejected").inc()
-        log.info("%s: the origin answered the upgrade with %d", name, answer.status_code)
+        log.info(
+            "%s: the origin answered the upgrade with %d%s",
+            name,
+            answer.status_code,
+            "" if complete else " (its body was cut short)",
+        )
         return
     accepted = check_origin_accept(
         list(answer.headers.raw_items()),
@@ -272,10 +285,12 @@ async def _relay_rejection(
     response: h11.Response,
     via: bytes | None,
     stats: ExchangeStats,
-) -> None:
+    deadline: float,
+) -> bool:
     """The origin said no: relay its answer with the body, streamed (each read bounded by
-    ``io_timeout``). The connection ends after it, so a body the origin cuts short stays short
-    (never complete-looking) for the client."""
+    ``io_timeout``, the whole relay by ``deadline``). The connection ends after it, so a body
+    the origin cuts short, or that is cut at a timeout, stays short (never complete-looking)
+    for the client. Returns whether the whole answer was relayed (False: a timeout cut it)."""
     headers = prepare_response(response.headers.raw_items(), via=via)
     headers.append((b"Connection", b"close"))
     try:
@@ -286,34 +301,44 @@ async def _relay_rejection(
         raise BadResponse(f"cannot relay the origin's answer: {exc}") from None
     stats.status = response.status_code
     timeout = context.io_timeout
-    while True:
-        try:
-            event = oc.next_event()
-        except h11.RemoteProtocolError:
-            break
-        if event is h11.NEED_DATA:
-            if data:
-                await _send(client, data, timeout)
-                stats.head_sent = True
-                data = b""
-            chunk: bytes | bytearray | None = None
-            with trio.move_on_after(timeout), contextlib.suppress(*_NETWORK_ERRORS):
-                chunk = await upstream.receive_some(RECEIVE_SIZE)
-            if chunk is None:
+    complete = True
+    # One overall bound: each read is bounded by io_timeout, but an origin trickling a byte at
+    # a time would otherwise stretch the answer without end. The head goes out on the first
+    # pass (no await before it), within its own io_timeout: the deadline is later than that.
+    with trio.move_on_at(deadline) as overall:
+        while True:
+            try:
+                event = oc.next_event()
+            except h11.RemoteProtocolError:
                 break
-            oc.receive_data(bytes(chunk))
-        elif type(event) is h11.Data:
-            assert isinstance(event, h11.Data)
-            stats.bytes_out += len(event.data)
-            data += cc.send(h11.Data(data=event.data))
-        elif type(event) is h11.EndOfMessage:
-            data += cc.send(h11.EndOfMessage())
-            break
-        else:
-            break
+            if event is h11.NEED_DATA:
+                if data:
+                    await _send(client, data, timeout)
+                    stats.head_sent = True
+                    data = b""
+                chunk: bytes | bytearray | None = None
+                with trio.move_on_after(timeout), contextlib.suppress(*_NETWORK_ERRORS):
+                    chunk = await upstream.receive_some(RECEIVE_SIZE)
+                if chunk is None:
+                    complete = False
+                    break
+                oc.receive_data(bytes(chunk))
+            elif type(event) is h11.Data:
+                assert isinstance(event, h11.Data)
+                stats.bytes_out += len(event.data)
+                data += cc.send(h11.Data(data=event.data))
+            elif type(event) is h11.EndOfMessage:
+                data += cc.send(h11.EndOfMessage())
+                break
+            else:
+                break
+    if overall.cancelled_caught:
+        complete = False
+        data = b""  # an unsent piece may be half written: nothing more after it
     if data:
         await _send(client, data, timeout)
     stats.head_sent = True
+    return complete
 
 
 # --- CONNECT tunnels ---------------------------------------------------------------------------

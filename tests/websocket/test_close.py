@@ -188,10 +188,24 @@ def test_vanishing_while_the_other_waits_for_its_reply() -> None:
 
 
 def test_eof_after_its_own_close_is_not_a_vanishing() -> None:
-    """A client that sends Close and hangs up at once did its part: still clean."""
+    """A client that sends Close and half-closes at once did its part: still clean, and it
+    still gets the reply (RFC 6455 §5.5.1; EOF is only its write side ending)."""
     m = machine()
     m.on_close_received(C, 1000, "", 0.0)
-    assert m.on_vanished(C, Ending.EOF, 0.1) == [AbortHop(C)]
+    assert m.on_vanished(C, Ending.EOF, 0.1) == []
+    assert m.state(C) is HopState.CLOSE_RECEIVED
+    assert m.on_close_received(O, 1000, "", 0.2) == [
+        FinishHop(O),
+        SendClose(C, 1000, ""),
+        FinishHop(C),
+    ]
+    assert m.final_outcome is Outcome.CLEAN
+
+
+def test_reset_after_its_own_close_is_not_a_vanishing_but_gets_no_reply() -> None:
+    m = machine()
+    m.on_close_received(C, 1000, "", 0.0)
+    assert m.on_vanished(C, Ending.RESET, 0.1) == [AbortHop(C)]
     assert m.on_close_received(O, 1000, "", 0.2) == [FinishHop(O)]
     assert m.final_outcome is Outcome.CLEAN
 
@@ -366,6 +380,7 @@ _events = st.one_of(
     st.tuples(st.just("send_failed"), _sides, st.none()),
     st.tuples(st.just("drain"), st.none(), st.none()),
     st.tuples(st.just("pong"), _sides, st.none()),
+    st.tuples(st.just("progress"), _sides, st.none()),
     st.tuples(st.just("tick"), st.none(), st.none()),
 )
 
@@ -402,6 +417,9 @@ def test_machine_invariants(events: list[tuple[str, Any, Any]]) -> None:
             actions = m.on_drain(now)
         elif kind == "pong":
             m.on_pong(side)
+            actions = []
+        elif kind == "progress":
+            m.on_write_progress(side, now)
             actions = []
         else:
             actions = m.on_tick(now)
