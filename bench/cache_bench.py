@@ -76,7 +76,6 @@ import json
 import os
 import platform
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -1001,21 +1000,9 @@ def run(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C, so everything started gets stopped
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        return run(args)
-    except BenchError as exc:
-        print(f"cache_bench: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("cache_bench: interrupted; everything started was stopped", file=sys.stderr)
-        return 130
+    return hb.run_main("cache_bench", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
@@ -781,17 +781,23 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C, so everything started gets stopped
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_main(name: str, run_once: Callable[[], int]) -> int:
+    """The shared shape of a benchmark's main: SIGTERM unwinds like Ctrl-C, a ``BenchError``
+    is a clear message and exit 1, an interruption exit 130 after everything was stopped."""
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return run(args)
+        return run_once()
     except BenchError as exc:
-        print(f"http_bench: {exc}", file=sys.stderr)
+        print(f"{name}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("http_bench: interrupted; everything started was stopped", file=sys.stderr)
+        print(f"{name}: interrupted; everything started was stopped", file=sys.stderr)
         return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_main("http_bench", lambda: run(args))
 
 
 if __name__ == "__main__":

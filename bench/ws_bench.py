@@ -68,7 +68,6 @@ import platform
 import re
 import resource
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -79,6 +78,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Final
+
+from bench import http_bench as hb
+from bench.http_bench import BenchError
 
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 LOOPBACK: Final = "127.0.0.1"
@@ -92,10 +94,6 @@ HANDSHAKE_TIMEOUT: Final = 10.0
 READ_SIZE: Final = 1 << 18
 WRITE_HIGH_WATER: Final = 1 << 18
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-
-
-class BenchError(Exception):
-    """A fatal problem: the message is printed and the script exits with status 1."""
 
 
 # --- frames (RFC 6455 §5.2) -----------------------------------------------------------------------
@@ -1084,21 +1082,9 @@ def run(args: argparse.Namespace) -> int:
         return status
 
 
-def _interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C, so everything started gets stopped
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        return run(args)
-    except BenchError as exc:
-        print(f"ws_bench: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("ws_bench: interrupted; everything started was stopped", file=sys.stderr)
-        return 130
+    return hb.run_main("ws_bench", lambda: run(args))
 
 
 if __name__ == "__main__":
