@@ -78,7 +78,7 @@ The key filter (a negative lookup costs no thread hop)
     a deleted newest row to the next insert, which the catch-up would then never see). Deletions
     need nothing. The keys of deleted rows accumulate until the filter holds more than twice the
     index's entries plus ``KEY_FILTER_SLACK``; then it is rebuilt from the index (in a thread,
-    never inside a write transaction). Memory: about 70 bytes per entry (an int in a set).
+    never inside a write transaction). Memory: about 80 bytes per key (an int in a set).
 
 Other processes' commits (``PRAGMA data_version``)
     ``data_version`` changes when any *other* connection committed; it costs about 3-5 us and
