@@ -929,7 +929,7 @@ def merge_age_into_headers(headers: Headers, age: float) -> list[Header]:
             continue
         out.append((name, field_value))
     if not placed:
-        out.append((b"age", value))
+        out.append((b"Age", value))
     return out
 
 

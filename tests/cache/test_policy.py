@@ -459,7 +459,7 @@ def test_merge_age_into_headers_leaves_exactly_one_age() -> None:
     """RFC 9111 §5.1: a served response carries one Age, the cache's own."""
     merged = policy.merge_age_into_headers(fields("A: 1", "Age: 5", "B: 2", "age: 9"), 42.7)
     assert merged == fields("A: 1", "Age: 42", "B: 2")
-    assert policy.merge_age_into_headers(fields("A: 1"), 3) == fields("A: 1", "age: 3")
+    assert policy.merge_age_into_headers(fields("A: 1"), 3) == fields("A: 1", "Age: 3")
 
 
 # --- dates (RFC 9110 §5.6.7) ------------------------------------------------------------------
