@@ -2,8 +2,14 @@
 
 ``proxyd [--config PATH] [--listen HOST:PORT] [--admin-listen HOST:PORT] [--cache-dir DIR]
 [--log-level LEVEL]`` runs the daemon (flags override the file; without ``--config`` the embedded
-default is used). ``proxyd --check-config PATH`` validates a file and exits 0, or 1 listing every
-error. ``proxyd hash-password`` reads a password and prints the salted hash ``auth.users`` expects.
+default is used; SIGHUP re-reads the same file with the same flags). ``proxyd --check-config
+PATH`` validates a file and exits 0, or 1 listing every error. ``proxyd hash-password`` reads a
+password and prints the salted hash ``auth.users`` expects.
+``--netlog FILE`` writes every request's timed events (observe/netlog.py) to FILE from start-up;
+``proxyd netlog summarize FILE`` prints where the time of each request in such a capture went.
+With ``workers`` above 1 the process becomes the supervisor of that many workers
+(proxyd/workers.py), each started as ``python -m proxyd`` with the same arguments and
+``PROXYD_WORKER`` set; a worker writes ``--netlog FILE`` to ``FILE.<its pid>``.
 """
 
 from __future__ import annotations
@@ -11,8 +17,10 @@ from __future__ import annotations
 import argparse
 import getpass
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 import trio
@@ -28,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="proxyd",
         description="A forward HTTP/WebSocket proxy daemon.",
-        epilog="Other commands: `proxyd hash-password` prints a hash for auth.users.",
+        epilog="Other commands: `proxyd hash-password` prints a hash for auth.users; "
+        "`proxyd netlog summarize FILE` shows where time went in a NetLog capture.",
     )
     parser.add_argument("--config", metavar="PATH", help="YAML config (default: the embedded one)")
     parser.add_argument(
@@ -40,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--admin-listen", metavar="HOST:PORT", help="admin listen address")
     parser.add_argument("--cache-dir", metavar="DIR", help="cache directory (cache.dir)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, help="log level (log_level)")
+    parser.add_argument(
+        "--netlog",
+        metavar="FILE",
+        help="write per-request NetLog events (JSON lines) to FILE from start-up",
+    )
     parser.add_argument(
         "--check-config",
         metavar="PATH",
@@ -72,10 +86,43 @@ def _hash_password_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def _netlog_main(argv: Sequence[str]) -> int:
+    from proxyd.observe.netlog_summary import parse_lines, render, summarize
+
+    parser = argparse.ArgumentParser(prog="proxyd netlog", description="Read NetLog captures.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    summary = commands.add_parser(
+        "summarize",
+        help="per-request time split and the slowest requests",
+        description="Print each request of a capture (--netlog FILE, or a saved GET /netlog) "
+        "with its time split (queue/route, connect, wait for the first byte, body), then the "
+        "slowest requests.",
+    )
+    summary.add_argument("file", metavar="FILE", help="a NetLog capture (JSON lines; - for stdin)")
+    summary.add_argument("--slowest", type=int, default=10, metavar="N", help="default 10")
+    summary.add_argument("--url-width", type=int, default=80, metavar="N", help="default 80")
+    args = parser.parse_args(argv)
+    try:
+        if args.file == "-":
+            events, bad = parse_lines(sys.stdin)
+        else:
+            with open(args.file, encoding="utf-8", errors="replace") as lines:
+                events, bad = parse_lines(lines)
+    except OSError as exc:
+        print(f"proxyd: cannot read {args.file}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(
+        render(summarize(events, bad), slowest=args.slowest, url_width=max(args.url_width, 10))
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["hash-password"]:
         return _hash_password_main(args_list[1:])
+    if args_list[:1] == ["netlog"]:
+        return _netlog_main(args_list[1:])
     args = _parser().parse_args(args_list)
 
     if args.check_config:
@@ -98,6 +145,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["cache.dir"] = args.cache_dir
     if args.log_level:
         overrides["log_level"] = args.log_level
+    from proxyd.workers import serve_worker, supervise, worker_spec_from_environ
+
+    worker = worker_spec_from_environ()
+    if worker is not None:  # listen where the supervisor reserved the ports (port 0 resolved)
+        overrides["listen"] = list(worker.listen)
     try:
         config = load_config(args.config, overrides)
     except ConfigError as exc:
@@ -106,15 +158,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("proxyd: refusing to start with an invalid config", file=sys.stderr)
         return 1
 
+    several = worker is not None or config.workers > 1  # processes share stderr: name the pid
     logging.basicConfig(
         level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s "
+        + ("[%(process)d] " if several else "")
+        + "%(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if worker is None and config.workers > 1:
+        return supervise(config, args_list)
+    from proxyd.reload import ConfigSource
     from proxyd.server import serve_until_signalled
 
+    # SIGHUP re-reads the same file with the same flags (an absolute path: cwd may not matter).
+    source = ConfigSource(os.path.abspath(args.config) if args.config else None, overrides)
+
+    netlog_path = args.netlog
+    if worker is not None and netlog_path is not None:
+        # One file per worker process: each writer truncates its file at start.
+        netlog_path = f"{netlog_path}.{os.getpid()}"
+    serve = partial(serve_until_signalled, config, netlog_path=netlog_path, source=source)
     try:
-        return trio.run(serve_until_signalled, config)
+        if worker is not None:
+            return trio.run(serve_worker, worker, serve)
+        return trio.run(serve)
     except (OSError, PacLoadError, BaseExceptionGroup) as exc:
         # A bind failure (port in use, no permission) or a PAC script that cannot be loaded
         # arrives wrapped in the nursery's exception group.

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
@@ -67,6 +69,7 @@ from proxyd.http.rules import RequestFacts, prepare_request, trace_body, via_mem
 from proxyd.http.tunnel import TunnelStats, run_tunnel
 from proxyd.observe.accesslog import AccessLog, AccessRecord
 from proxyd.observe.metrics import Metrics
+from proxyd.observe.netlog import NETLOG_OFF, NetLog
 from proxyd.routing.router import Router
 from proxyd.upstream.route import Route, RouteList, route_kind
 from proxyd.websocket.handshake import check_client_upgrade, is_websocket_upgrade
@@ -88,8 +91,45 @@ LINGER_BYTES: Final = 1 << 20
 _MAX_FORWARDS_METHODS: Final = frozenset({b"OPTIONS", b"TRACE"})
 _ALLOW_ALL: Final = b"GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE, PATCH"
 _connection_ids = itertools.count(1)
+_request_ids = itertools.count(1)  # unique in the process: the NetLog's "req"
 # GET and HEAD go through the cache only without a body (one with a body is relayed untouched).
 _BODYLESS_CACHE_METHODS: Final = frozenset({b"GET", b"HEAD", b"PURGE"})
+#: Errors kept for the status page (a bounded ring: memory stays flat under an error storm).
+RECENT_ERRORS: Final = 50
+
+
+@dataclass(eq=False, slots=True)
+class OpenTunnel:
+    """A CONNECT tunnel while it relays bytes, as the status page lists it (counts are live)."""
+
+    conn_id: int
+    client: str
+    target: str
+    route: str
+    started: float  # trio.current_time()
+    stats: TunnelStats
+
+    @property
+    def bytes_up(self) -> int:
+        return self.stats.bytes_up
+
+    @property
+    def bytes_down(self) -> int:
+        return self.stats.bytes_down
+
+
+@dataclass(frozen=True, slots=True)
+class RecentError:
+    """One failed request for the status page: no query string (tokens live there)."""
+
+    at: float  # Unix time
+    conn_id: int
+    client: str
+    method: str
+    url: str
+    status: int
+    error_type: str
+    detail: str
 
 
 @dataclass(slots=True)
@@ -115,6 +155,11 @@ class Services:
     #: WebSocket sessions running now (drain sends each 1001, see server.py).
     websocket_sessions: set[Session] = field(default_factory=set)
     _websocket: UpgradeContext | None = None
+    #: CONNECT tunnels relaying bytes now, and the last errors (the status page shows both).
+    tunnels: set[OpenTunnel] = field(default_factory=set)
+    recent_errors: deque[RecentError] = field(default_factory=lambda: deque(maxlen=RECENT_ERRORS))
+    #: Per-request timed events (observe/netlog.py); emit only under ``if netlog.active:``.
+    netlog: NetLog = NETLOG_OFF
 
     def websocket_context(self) -> UpgradeContext:
         context = self._websocket
@@ -139,9 +184,31 @@ class Services:
         self._via_cache[version] = value
         return value
 
+    def reconfigure(
+        self,
+        config: Config,
+        *,
+        relay: RelaySettings,
+        acl: access.ClientAcl,
+        auth: access.AuthCache | None,
+        pseudonym: bytes,
+    ) -> None:
+        """Swap the per-request settings (a config reload, server.py). Every request reads
+        ``services.config`` / ``relay`` / ``auth`` when it starts, so the next one follows the
+        new settings, while a request, tunnel or WebSocket session under way keeps what it
+        read (a connection keeps the ACL verdict it was accepted with)."""
+        self.config = config
+        self.relay = relay
+        self.acl = acl
+        self.auth = auth
+        self.pseudonym = pseudonym
+        self._via_cache.clear()
+        self._websocket = None  # rebuilt from config.websocket for the next session
+
 
 class ClientConnection:
     __slots__ = (
+        "_error_detail",
         "_idle_scope",
         "_linger",
         "_logged",
@@ -149,6 +216,7 @@ class ClientConnection:
         "client_address",
         "conn_id",
         "h11",
+        "req_id",
         "services",
         "stream",
         "user",
@@ -169,6 +237,8 @@ class ClientConnection:
         self._idle_scope: trio.CancelScope | None = None
         self._linger = False
         self._logged = False
+        self._error_detail = ""  # the failing request's error detail, for recent_errors
+        self.req_id = 0  # the current request's NetLog id
 
     # --- I/O helpers used by http.relay (the ClientSide protocol) ------------------------------
 
@@ -208,6 +278,8 @@ class ClientConnection:
         services.connections.add(self)
         metrics = services.metrics
         metrics.client_connections_active.inc()
+        if services.netlog.active:
+            services.netlog.emit(self.conn_id, None, "accepted", peer=self.client_address)
         try:
             await self._loop()
         except ClientGone as exc:
@@ -219,6 +291,8 @@ class ClientConnection:
             if services.draining and not services.connections:
                 services.all_closed.set()
             metrics.client_connections_active.dec()
+            if services.netlog.active:
+                services.netlog.emit(self.conn_id, None, "closed")
             with trio.CancelScope(shield=True):
                 if self._linger:
                     await self._lingering_close()
@@ -248,10 +322,12 @@ class ClientConnection:
             try:
                 request = await self._read_request()
             except ProxydError as exc:
+                self.req_id = next(_request_ids)
                 await self._send_error(exc, b"-", "-", trio.current_time())
                 return
             if request is None:
                 return
+            self.req_id = next(_request_ids)
             keep_alive = await self._serve(request)
             if not keep_alive or services.draining:
                 return
@@ -327,7 +403,18 @@ class ClientConnection:
         services = self.services
         method = request.method
         url = request.target
+        netlog = services.netlog
         stats = ExchangeStats()
+        # Set after: keyword arguments to a dataclass __init__ cost ~90 ns each on this path.
+        stats.netlog, stats.conn_id, stats.req_id = netlog, self.conn_id, self.req_id
+        if netlog.active:
+            netlog.emit(
+                self.conn_id,
+                self.req_id,
+                "request",
+                method=method.decode("ascii", "replace"),
+                url=url.decode("ascii", "replace"),
+            )
         try:
             if not self.allowed:
                 raise ClientForbidden(
@@ -361,7 +448,7 @@ class ClientConnection:
                 async def fetch(
                     headers: list[tuple[bytes, bytes]], tap: ResponseTap | None
                 ) -> None:
-                    routes = await services.router.decide(
+                    routes = await self._decide(
                         target.scheme.decode("ascii"), target.host, target.port, url.decode("ascii")
                     )
 
@@ -377,7 +464,7 @@ class ClientConnection:
                     self, method, list(request.headers), target, facts.headers, stats, fetch
                 )
             else:
-                routes = await services.router.decide(
+                routes = await self._decide(
                     target.scheme.decode("ascii"), target.host, target.port, url.decode("ascii")
                 )
 
@@ -388,6 +475,7 @@ class ClientConnection:
         except ProxydError as exc:
             if stats.head_sent:  # too late for an error response: cut the connection
                 log.info("c%d: %s", self.conn_id, exc.detail)
+                self._error_detail = exc.detail
                 self._finish(method, url, started, stats, error_type=exc.error_type)
                 services.metrics.observe_error(exc.error_type)
                 return False
@@ -403,6 +491,7 @@ class ClientConnection:
             )
         except ResponseAborted as exc:
             log.info("c%d: %s", self.conn_id, exc)
+            self._error_detail = str(exc)
             self._finish(method, url, started, stats, error_type=exc.error_type)
             services.metrics.observe_error(exc.error_type)
             return False
@@ -423,6 +512,7 @@ class ClientConnection:
     ) -> None:
         """Account for one request: exactly one access-log line and one requests_total count,
         however many paths try to (a response we wrote ourselves, then the client vanishing)."""
+        detail, self._error_detail = self._error_detail, ""
         if self._logged:
             return
         self._logged = True
@@ -430,14 +520,35 @@ class ClientConnection:
         duration = trio.current_time() - started
         method_text = method.decode("ascii", "replace")
         status = stats.status or 499
+        if services.netlog.active:
+            self._emit_end(stats, status, duration, error_type)
         metrics = services.metrics
-        metrics.observe_request(method_text, status, duration)
+        metrics.observe_request(
+            method_text,
+            status,
+            duration,
+            stats.route_kind,
+            "none" if stats.cache == "-" else stats.cache,
+        )
         if stats.bytes_in:
             metrics.bytes_up.inc(stats.bytes_in)
         if stats.bytes_out:
             metrics.bytes_down.inc(stats.bytes_out)
         if stats.first_byte_at:
             metrics.time_to_first_byte.observe(stats.first_byte_at - started)
+        if error_type not in ("-", "client_gone"):  # a client leaving is not the proxy's error
+            services.recent_errors.append(
+                RecentError(
+                    at=time.time(),
+                    conn_id=self.conn_id,
+                    client=self.client_address,
+                    method=method_text,
+                    url=url.split(b"?", 1)[0].decode("ascii", "replace"),
+                    status=status,
+                    error_type=error_type,
+                    detail=detail,
+                )
+            )
         if services.access_log is not None:
             services.access_log.write(
                 AccessRecord(
@@ -488,6 +599,44 @@ class ClientConnection:
         auth.remember(header, user_name)
         self.user = user_name
 
+    # --- NetLog events (observe/netlog.py); each is called under ``if netlog.active:`` ---------
+
+    async def _decide(self, scheme: str, host: str, port: int, url: str) -> RouteList:
+        """The router's route list for this request, and a ``route`` event."""
+        router = self.services.router
+        routes = await router.decide(scheme, host, port, url)
+        netlog = self.services.netlog
+        if netlog.active:
+            pac = router.mode == "pac" and not router.static.is_bypassed(host, port)
+            netlog.emit(
+                self.conn_id,
+                self.req_id,
+                "route",
+                routes=[route.label for route in routes],
+                source="pac" if pac else "static",
+            )
+        return routes
+
+    def _emit_tunnel_socket(self, stats: ExchangeStats, asked: float | None) -> None:
+        wait = None if asked is None else trio.current_time() - asked
+        self.services.netlog.emit(
+            self.conn_id, self.req_id, "socket", tunnel=True, wait=wait, route=stats.route
+        )
+
+    def _emit_end(self, stats: ExchangeStats, status: int, duration: float, error: str) -> None:
+        fields = {
+            "status": status,
+            "bytes_in": stats.bytes_in,
+            "bytes_out": stats.bytes_out,
+            "duration": duration,
+            "route": stats.route,
+            "cache": stats.cache,
+        }
+        if error == "-":
+            self.services.netlog.emit(self.conn_id, self.req_id, "completed", **fields)
+        else:
+            self.services.netlog.emit(self.conn_id, self.req_id, "failed", error=error, **fields)
+
     async def _with_failover(
         self,
         routes: RouteList,
@@ -502,12 +651,18 @@ class ClientConnection:
         last = len(routes) - 1
         for index, route in enumerate(routes):
             stats.route = route.label
+            stats.route_kind = route_kind(route)
             try:
                 return await attempt(route)
             except ProxydError as exc:
                 if not exc.proxy_failure:
                     raise
                 router.bad_proxies.mark_bad(exc.next_hop or route.label, trio.current_time())
+                if self.services.netlog.active:
+                    self.services.netlog.emit(
+                        self.conn_id, self.req_id, "route_failed", route=route.label,
+                        error=exc.error_type,
+                    )  # fmt: skip
                 if index == last or stats.head_sent or stats.informational or stats.bytes_in:
                     raise
                 metrics.failovers.labels(route_kind(route)).inc()
@@ -524,7 +679,7 @@ class ClientConnection:
             raise DestinationForbidden(f"CONNECT to port {target.port} is not allowed")
         stats = ExchangeStats(upstream=f"{target.host}:{target.port}")
         scheme = "https" if target.port == 443 else "http"
-        routes = await services.router.decide(
+        routes = await self._decide(
             scheme, target.host, target.port, f"{scheme}://{target.authority.decode()}/"
         )
 
@@ -533,8 +688,11 @@ class ClientConnection:
                 services.relay, target.host, target.port, route, tls=False, tunnel=True
             )
 
+        asked = trio.current_time() if services.netlog.active else None
         async with services.relay.pool.tunnel_slot(target.host):
             upstream = await self._with_failover(routes, attempt, stats)
+            if services.netlog.active:
+                self._emit_tunnel_socket(stats, asked)
             return await self._run_connect_tunnel(request, started, upstream, stats)
 
     async def _run_connect_tunnel(
@@ -547,9 +705,19 @@ class ClientConnection:
         services = self.services
         config = services.config
         tunnel_stats = TunnelStats()
+        target = request.target.decode("ascii", "replace")
+        tunnel = OpenTunnel(
+            self.conn_id,
+            self.client_address,
+            target,
+            stats.route,
+            trio.current_time(),
+            tunnel_stats,
+        )
         metrics = services.metrics
         metrics.tunnels.inc()
         metrics.tunnels_active.inc()
+        services.tunnels.add(tunnel)
         try:
             headers = []
             via = services.via_for_version(request.http_version)
@@ -573,6 +741,7 @@ class ClientConnection:
                     max_head=config.client.max_head_size,
                 )
                 if sniffed.request is not None:
+                    services.tunnels.discard(tunnel)  # a WebSocket session now, listed as one
                     await self._tunneled_websocket(request, sniffed, upstream, stats)
                     return False
                 trailing = sniffed.client_bytes
@@ -599,6 +768,7 @@ class ClientConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             tunnel_stats.ended_by = "reset"
         finally:
+            services.tunnels.discard(tunnel)
             metrics.tunnels_active.dec()
             metrics.tunnel_bytes_up.inc(tunnel_stats.bytes_up)
             metrics.tunnel_bytes_down.inc(tunnel_stats.bytes_down)
@@ -625,7 +795,7 @@ class ClientConnection:
             )
             secure = target.scheme in TLS_SCHEMES
             scheme = "https" if secure else "http"  # what PAC and rules see for wss / ws
-            routes = await services.router.decide(
+            routes = await self._decide(
                 scheme,
                 target.host,
                 target.port,
@@ -637,8 +807,11 @@ class ClientConnection:
                     services.relay, target.host, target.port, route, tls=secure, tunnel=True
                 )
 
+            asked = trio.current_time() if services.netlog.active else None
             async with services.relay.pool.tunnel_slot(target.host):
                 upstream = await self._with_failover(routes, attempt, stats)
+                if services.netlog.active:
+                    self._emit_tunnel_socket(stats, asked)
                 try:
                     await run_upgrade(
                         services.websocket_context(),
@@ -690,7 +863,11 @@ class ClientConnection:
             if name == b"host":
                 authority = value
         url = b"ws://" + authority + inner.target
-        stats = ExchangeStats(upstream=connect_stats.upstream, route=connect_stats.route)
+        stats = ExchangeStats(
+            upstream=connect_stats.upstream,
+            route=connect_stats.route,
+            route_kind=connect_stats.route_kind,
+        )
         try:
             upgrade = check_client_upgrade(
                 inner.method, inner.http_version, inner.headers.raw_items()
@@ -813,6 +990,7 @@ class ClientConnection:
     ) -> bool:
         services = self.services
         services.metrics.observe_error(error.error_type)
+        self._error_detail = error.detail
         if error.status >= 500 or isinstance(error, (ClientForbidden, ProxyAuthRequired)):
             log.info(
                 "c%d: %s %s: %s (%s)",

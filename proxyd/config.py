@@ -367,6 +367,9 @@ class Config(_Section):
     access_log: AccessLogConfig = AccessLogConfig()
     log_level: LogLevel = "info"
     shutdown_timeout: Seconds = 10.0
+    # Worker processes sharing the listen ports (SO_REUSEPORT) under a supervisor (workers.py);
+    # 1 runs the daemon in this one process. Read at start-up only (a reload does not change it).
+    workers: Annotated[int, Field(ge=1)] = 1
 
 
 # --- YAML with line numbers -------------------------------------------------------------------

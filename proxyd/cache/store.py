@@ -99,6 +99,12 @@ The memory tier of bodies
     filled on commit and on the first ``open_body``; ``BodyReader.cached()`` returns them, and a
     memory hit (``lookup`` + ``open_body`` + ``cached``) does no thread hop at all.
 
+Limits on a config reload
+    ``set_limits`` swaps ``max_size``, ``max_object_size`` and the memory tier's sizes for what
+    is stored from then on (the memory tier is trimmed at once); ``shrink`` then evicts least
+    recently used rows until the total fits a lowered ``max_size`` (rows first, then files, like
+    any eviction) instead of waiting for the next commit to do it.
+
 LRU bookkeeping
     ``touch`` records the access time in memory. The batch is written to the index by a small
     background task at most every ``TOUCH_INTERVAL`` seconds or every ``TOUCH_BATCH`` touches,
@@ -1513,6 +1519,51 @@ class CacheStore:
         except (sqlite3.Error, StoreError) as exc:
             self._index_failed("update", exc)
         return new
+
+    def set_limits(
+        self, *, max_size: int, max_object_size: int, memory_object_size: int, memory_size: int
+    ) -> None:
+        """New size limits (a config reload): they apply to what is stored from now on."""
+        self._max_size = max_size
+        self._max_object = min(max_object_size, max_size)
+        self._memory_object_size = memory_object_size if memory_size > 0 else 0
+        self._memory_size = memory_size
+        for name in [n for n, data in self._mem.items() if len(data) > self._memory_object_size]:
+            self._mem_drop(name)
+        while self._mem_bytes > self._memory_size and self._mem:
+            _, dropped = self._mem.popitem(last=False)
+            self._mem_bytes -= len(dropped)
+
+    async def shrink(self) -> int:
+        """Evict least recently used entries until the total fits ``max_size``; how many."""
+        if self._closed or self._totals[1] <= self._max_size:
+            return 0
+        touches = self._take_touches()
+
+        def shrink_sync() -> list[tuple[str, str]]:
+            doomed: list[tuple[str, str]] = []
+            with self._immediate() as conn:
+                self._apply_touches(conn, touches)
+                evicted = self._evict_sync(conn, None, doomed)
+                totals = self._totals_sync(conn)
+            self._totals = totals
+            self._evictions += evicted
+            for key, _ in doomed:
+                self._rows.pop(key, None)
+            return doomed
+
+        try:
+            doomed = await self._write(shrink_sync)
+        except (sqlite3.Error, StoreError) as exc:
+            self._index_failed("shrink", exc)
+            return 0
+        for _, name in doomed:
+            self._mem_drop(name)
+        if doomed:
+            paths = [os.path.join(self._bodies, name) for _, name in doomed]
+            with trio.CancelScope(shield=True):
+                await self._io(lambda: _remove_files(paths, -1))
+        return len(doomed)
 
     async def invalidate(self, key: str) -> int:
         """Remove every variant of ``key`` (purge, §4.4 invalidation); returns how many.

@@ -147,6 +147,25 @@ class HttpCache:
         self._uncacheable = lookups.labels("uncacheable")
         self._only_if_cached = lookups.labels("only_if_cached_miss")
 
+    def reconfigure(
+        self, config: CacheConfig, *, name: str, idle_timeout: float, head_timeout: float
+    ) -> None:
+        """A config reload: settings for lookups and stores from now on (the store's limits
+        too; the caller runs ``store.shrink()`` when ``max_size`` went down)."""
+        self.config = config
+        self.name = name
+        self.idle_timeout = idle_timeout
+        self.head_timeout = head_timeout
+        self.settings = policy.LookupSettings(
+            heuristics=policy.Heuristics(config.heuristic_fraction, config.heuristic_max)
+        )
+        self.store.set_limits(
+            max_size=config.max_size,
+            max_object_size=config.max_object_size,
+            memory_object_size=config.memory_object_size,
+            memory_size=config.memory_size,
+        )
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The nursery background revalidations run in (lives as long as the server)."""
         async with trio.open_nursery() as nursery:
@@ -200,6 +219,8 @@ class HttpCache:
             method, request_headers, [e.stored for e in entries], time.time(), self.settings
         )
         action = decision.action
+        if stats.netlog.active:  # observe/netlog.py: the cache's decision, timed
+            stats.emit("cache", action=action.value, stored=len(entries))
         entry = _entry_of(entries, decision.stored)
         if action is Action.SERVE and entry is not None:
             if await self._serve_stored(

@@ -28,7 +28,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Final, Protocol, cast
+from typing import Any, Final, Protocol, cast
 
 import h11
 import trio
@@ -47,6 +47,7 @@ from proxyd.errors import (
 from proxyd.http.messages import Target
 from proxyd.http.rules import RequestFacts, prepare_response
 from proxyd.observe.metrics import Metrics
+from proxyd.observe.netlog import NETLOG_OFF, NetLog
 from proxyd.upstream.connect import open_route_stream, proxy_authorization
 from proxyd.upstream.pool import Pool, UpstreamConnection
 from proxyd.upstream.route import DIRECT, Direct, Route, ViaProxy
@@ -167,6 +168,16 @@ class ExchangeStats:
     informational: list[int] = field(default_factory=list)
     #: What the cache did (access log): hit, stale, revalidated, miss, collapsed, uncacheable.
     cache: str = "-"
+    #: The kind of the route that answered (metrics): direct, http, socks5, ...; none: no route.
+    route_kind: str = "none"
+    #: Where this exchange's NetLog events go, tagged with the client connection and request ids.
+    netlog: NetLog = NETLOG_OFF
+    conn_id: int = 0
+    req_id: int = 0
+
+    def emit(self, event: str, **fields: Any) -> None:
+        """One NetLog event of this exchange: call it under ``if stats.netlog.active:`` only."""
+        self.netlog.emit(self.conn_id, self.req_id, event, **fields)
 
 
 def _is_forbidden_peer(stream: trio.abc.Stream, settings: RelaySettings) -> bool:
@@ -267,7 +278,15 @@ async def forward(
     cc = client.h11
     trailers = facts.accepts_trailers
     label = proxy.label if proxy is not None else None
-    conn = await pool.acquire(key, label)
+    netlog = stats.netlog
+    asked = trio.current_time() if netlog.active else None
+    try:
+        conn = await pool.acquire(key, label)
+    except ProxydError as exc:
+        if netlog.active:
+            wait = None if asked is None else trio.current_time() - asked
+            stats.emit("socket_failed", error=exc.error_type, wait=wait, route=route.label)
+        raise
     # Only now touch the request body: a proxy failure above must leave the request intact
     # for failover to the next route (nothing of it has been consumed yet).
     try:
@@ -280,6 +299,8 @@ async def forward(
     has_body = type(first) is not _EndOfMessage
     stats.reused = conn.requests > 0
     stats.retryable = stats.reused and not has_body and request.method in IDEMPOTENT_METHODS
+    if netlog.active:
+        _emit_socket(stats, conn, route, asked, retry=False)
     try:
         if has_body:
             await _forward_with_body(
@@ -293,8 +314,11 @@ async def forward(
             except _StaleConnection:
                 pool.release(conn, reusable=False)
                 settings.metrics.upstream_retries.inc()
+                asked = trio.current_time() if netlog.active else None
                 conn = await pool.acquire(key, label, fresh=True)
                 stats.reused = stats.retryable = False
+                if netlog.active:
+                    _emit_socket(stats, conn, route, asked, retry=True)
                 await _forward_without_body(
                     client, conn, up_request, settings, stats, trailers, tap
                 )
@@ -305,6 +329,20 @@ async def forward(
         pool.release(conn, reusable=False)
         raise
     pool.release(conn, reusable=True)
+
+
+def _emit_socket(
+    stats: ExchangeStats, conn: UpstreamConnection, route: Route, asked: float | None, retry: bool
+) -> None:
+    wait = None if asked is None else trio.current_time() - asked  # None: capture began since
+    stats.emit(
+        "socket",
+        reused=conn.requests > 0,
+        socket=conn.socket_id,
+        wait=wait,
+        route=route.label,
+        retry=retry,
+    )
 
 
 async def _drain_then_release(conn: UpstreamConnection, settings: RelaySettings) -> None:
@@ -367,6 +405,8 @@ async def _forward_without_body(
         raise ResponseIncomplete(f"the origin {stats.upstream} closed the connection") from None
     if scope.cancelled_caught:
         raise ReadTimeout(f"sending the request to {stats.upstream} stalled")
+    if stats.netlog.active:
+        stats.emit("sent", body=False)
     response = await _receive_response_head(client, conn, settings, stats)
     await _relay_response(client, conn, response, settings, stats, accepts_trailers, tap)
 
@@ -393,6 +433,8 @@ async def _forward_with_body(
         raise ResponseIncomplete(f"the origin {stats.upstream} closed the connection") from None
     except trio.TooSlowError:
         raise ReadTimeout(f"sending the request to {stats.upstream} stalled") from None
+    if stats.netlog.active:
+        stats.emit("sent", body=True)
 
     client_failure: list[BaseException] = []
     failure: Exception | None = None
@@ -470,6 +512,8 @@ async def _pump_request_body(
             conn.broken = True
             return
         if type(event) is _EndOfMessage:
+            if stats.netlog.active:
+                stats.emit("body_sent", bytes=stats.bytes_in)
             return
         event = cc.next_event()
 
@@ -525,6 +569,8 @@ async def _receive_response_head(
         if type(event) is h11.Response:
             assert isinstance(event, h11.Response)
             stats.first_byte_at = trio.current_time()
+            if stats.netlog.active:
+                stats.emit("first_byte", status=event.status_code)
             return event
         if type(event) is h11.InformationalResponse:
             assert isinstance(event, h11.InformationalResponse)
@@ -532,6 +578,8 @@ async def _receive_response_head(
                 raise BadResponse(f"{stats.upstream} switched protocols without being asked")
             got_any = True
             stats.informational.append(event.status_code)
+            if stats.netlog.active:
+                stats.emit("informational", status=event.status_code)
             if cc.their_http_version != b"1.1":
                 continue  # RFC 9110 §15.2: never send a 1xx to an HTTP/1.0 client
             headers = prepare_response(

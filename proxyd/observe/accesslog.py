@@ -7,6 +7,10 @@ upstream (``host:port``), route, cache result and the RFC 9209 error type when t
 
 The line is written with one ``write`` call on a line-buffered stream; the timestamp text is cached
 per second because formatting it is the most expensive part of a line.
+
+``reopen(fmt, path)`` (a config reload, SIGHUP) switches the format and reopens the file, so a log
+rotated away (``mv``, then SIGHUP, as logrotate does) is written afresh. The new file is opened
+before the old one is closed: when it cannot be opened, lines keep going to the old one.
 """
 
 from __future__ import annotations
@@ -85,6 +89,19 @@ class AccessLog:
         # A full disk or a closed stderr must not take a request down.
         with contextlib.suppress(OSError, ValueError):
             self._stream.write(line + "\n")
+
+    def reopen(self, fmt: str, path: str) -> None:
+        """New format and path (``-``: keep the stream given at start, stderr by default).
+        Raises OSError when the file cannot be opened; nothing changes then."""
+        if path != "-":
+            stream: TextIO = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+            if self._owned:
+                self._stream.close()
+            self._stream, self._owned = stream, True
+        elif self._owned:
+            self._stream.close()
+            self._stream, self._owned = sys.stderr, False
+        self._json = fmt == "json"
 
     def close(self) -> None:
         if self._owned:

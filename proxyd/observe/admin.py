@@ -5,12 +5,18 @@ port (the relay refuses to connect to it). It imports nothing from the rest of p
 hands it a readiness callable, the Prometheus registry and extra routes, so observe/ stays a leaf.
 Scrapes are generated on the event loop: ``generate_latest`` over our registry takes well under a
 millisecond, so no thread is needed.
+
+A route answers ``(status, content type, body)``, or a ``Streamed`` whose body is produced over
+time (``GET /netlog?seconds=N``): the head goes out at once, then each chunk as the route's
+``produce(send)`` hands it over (chunked framing; h11 closes the connection instead for an HTTP/1.0
+client), each write bounded by the same timeout; the connection closes after it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Final
 
 import h11
@@ -19,7 +25,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 log = logging.getLogger(__name__)
 
-Route = Callable[[h11.Request], Awaitable[tuple[int, bytes, bytes]]]
+#: Sends one chunk of a streamed body.
+Send = Callable[[bytes], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Streamed:
+    """A route's answer whose body is produced over time by ``produce(send)``."""
+
+    status: int
+    content_type: bytes
+    produce: Callable[[Send], Awaitable[None]]
+
+
+Route = Callable[[h11.Request], Awaitable["tuple[int, bytes, bytes] | Streamed"]]
 _TIMEOUT: Final = 30.0
 
 
@@ -37,7 +56,7 @@ class AdminServer:
     async def serve(self, listeners: list[trio.SocketListener]) -> None:
         await trio.serve_listeners(self._handle, listeners)
 
-    async def _answer(self, request: h11.Request) -> tuple[int, bytes, bytes]:
+    async def _answer(self, request: h11.Request) -> tuple[int, bytes, bytes] | Streamed:
         path = request.target.split(b"?", 1)[0]
         if path in self._routes:
             return await self._routes[path](request)
@@ -71,7 +90,11 @@ class AdminServer:
                             conn.receive_data(await stream.receive_some(65536))
                 if conn.their_state not in (h11.DONE, h11.MUST_CLOSE):
                     return
-                status, content_type, body = await self._answer(event)
+                answer = await self._answer(event)
+                if isinstance(answer, Streamed):
+                    await _stream(conn, stream, event, answer)
+                    return
+                status, content_type, body = answer
                 headers = [
                     (b"Content-Type", content_type),
                     (b"Content-Length", str(len(body)).encode("ascii")),
@@ -90,3 +113,27 @@ class AdminServer:
             log.debug("admin connection ended: %s", exc)
         finally:
             await trio.aclose_forcefully(stream)
+
+
+async def _stream(
+    conn: h11.Connection, stream: trio.SocketStream, request: h11.Request, answer: Streamed
+) -> None:
+    async def send_bytes(data: bytes) -> None:
+        with trio.move_on_after(_TIMEOUT) as scope:
+            await stream.send_all(data)
+        if scope.cancelled_caught:
+            raise trio.BrokenResourceError("the admin client stopped reading")
+
+    async def send(chunk: bytes) -> None:
+        if chunk:
+            await send_bytes(conn.send(h11.Data(data=chunk)))
+
+    headers = [
+        (b"Content-Type", answer.content_type),
+        (b"Cache-Control", b"no-store"),
+        (b"Connection", b"close"),
+    ]
+    await send_bytes(conn.send(h11.Response(status_code=answer.status, headers=headers)))
+    if request.method != b"HEAD":
+        await answer.produce(send)
+    await send_bytes(conn.send(h11.EndOfMessage()))

@@ -7,12 +7,29 @@ tests do). Label children used on the per-request path are resolved once and cac
 ``labels()`` call costs a lock and a tuple build, a dict lookup does not.
 Gauges that describe state owned elsewhere (the upstream pool) are read from ``stats()`` snapshots
 at scrape time through a custom collector, so nothing on the hot path updates them.
+
+Several worker processes (``workers: N``, see proxyd/workers.py)
+    The supervisor starts each worker with ``PROMETHEUS_MULTIPROC_DIR`` set before anything imports
+    prometheus_client, so in a worker every counter, histogram and gauge above keeps its value in
+    a per-process mmap file in that directory. ``SupervisorMetrics`` (the supervisor's registry,
+    the only one scraped) adds them up with ``MultiProcessCollector``: counters and histograms are
+    summed (a dead worker's files stay, so totals never go back), and each gauge says how with its
+    ``multiprocess_mode``: ``livesum`` for things open now (connections, tunnels, sessions: the
+    supervisor calls ``mark_process_dead`` when a worker exits, which drops its live gauges),
+    ``livemax`` for the config generation. ``Info`` is not supported there, so the supervisor
+    exports ``proxyd_build`` itself. The scrape-time families (``add_stats_provider``: pool, DNS,
+    cache, bad proxies) are custom collectors that no file holds: at each scrape the supervisor
+    asks every live worker for them (``stats_exposition``, the private ``GET /metrics/stats``) and
+    ``aggregate_stats`` adds them up, per family as ``STATS_AGGREGATION`` says (sum by default;
+    max where every worker reports the same shared fact). They are as fresh as the scrape; a
+    worker that does not answer within a second is left out of that scrape. With ``workers: 1``
+    none of this is used: the daemon's own registry is the one scraped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from typing import Final, Protocol
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Final, Literal, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -21,8 +38,11 @@ from prometheus_client import (
     Histogram,
     Info,
     disable_created_metrics,
+    generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from proxyd import __version__
@@ -78,11 +98,12 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 class Metrics:
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
-        Info("proxyd_build", "proxyd build information", registry=registry).info(
-            {"version": __version__}
-        )
+        _build_info(registry)
         self.client_connections_active = Gauge(
-            "proxyd_client_connections_active", "Client connections open now", registry=registry
+            "proxyd_client_connections_active",
+            "Client connections open now",
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.client_connections = Counter(
             "proxyd_client_connections_total",
@@ -92,8 +113,9 @@ class Metrics:
         )
         self.requests = Counter(
             "proxyd_requests_total",
-            "Requests answered (final responses), by method and status class",
-            ["method", "status_class"],
+            "Requests answered (final responses), by method, status class, the kind of route that"
+            " served them (none: answered by proxyd or its cache) and the cache result",
+            ["method", "status_class", "route_kind", "cache"],
             registry=registry,
         )
         self.request_duration = Histogram(
@@ -122,7 +144,10 @@ class Metrics:
             registry=registry,
         )
         self.tunnels_active = Gauge(
-            "proxyd_tunnels_active", "CONNECT tunnels open now", registry=registry
+            "proxyd_tunnels_active",
+            "CONNECT tunnels open now",
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.tunnels = Counter("proxyd_tunnels_total", "CONNECT tunnels opened", registry=registry)
         self.tunnel_bytes = Counter(
@@ -264,9 +289,36 @@ class Metrics:
             "stale-while-revalidate refreshes started in the background",
             registry=registry,
         )
+        # --- process (config generation and reloads: server.py, see proxyd/reload.py) ---
+        self.config_generation = Gauge(
+            "proxyd_config_generation",
+            "Generation of the config in force: 1 at start-up, one more per applied reload",
+            registry=registry,
+            multiprocess_mode="livemax",  # workers: N (see the module docstring)
+        )
+        self.config_generation.set(1)
+        self.config_reloads = Counter(
+            "proxyd_config_reloads_total",
+            "Config reloads (SIGHUP, POST /reload), by outcome (ok: applied; error: refused,"
+            " the old config stays)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.config_reloads_ok = self.config_reloads.labels("ok")
+        self.config_reloads_error = self.config_reloads.labels("error")
+        self.config_last_reload = Gauge(
+            "proxyd_config_last_reload_timestamp_seconds",
+            "When the config in force was loaded (start-up or the last applied reload), Unix time",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.config_last_reload.set_to_current_time()
         # --- websocket (owned by the websocket work; keep cache metrics above) ---
         self.ws_sessions_active = Gauge(
-            "proxyd_websocket_sessions_active", "WebSocket sessions open now", registry=registry
+            "proxyd_websocket_sessions_active",
+            "WebSocket sessions open now",
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.ws_sessions = Counter(
             "proxyd_websocket_sessions_total",
@@ -316,8 +368,11 @@ class Metrics:
         self.ws_bytes_down = self.ws_bytes.labels("download")
         self.collector = _StatsCollector()
         registry.register(self.collector)
+        # The scrape-time families alone: what a worker hands its supervisor (stats_exposition).
+        self._stats_registry = CollectorRegistry(auto_describe=False)
+        self._stats_registry.register(self.collector)
 
-        self._requests_children: dict[tuple[str, str], Counter] = {}
+        self._requests_children: dict[tuple[str, str, str, str], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}
         self._error_children: dict[str, Counter] = {}
         self.bytes_up = self.bytes.labels("upload")
@@ -328,14 +383,21 @@ class Metrics:
         self.connections_allowed = self.client_connections.labels("true")
         self.connections_denied = self.client_connections.labels("false")
 
-    def observe_request(self, method: str, status: int, duration: float) -> None:
+    def observe_request(
+        self,
+        method: str,
+        status: int,
+        duration: float,
+        route_kind: str = "none",
+        cache: str = "none",
+    ) -> None:
         if method not in KNOWN_METHODS:
             method = "OTHER"
         status_class = STATUS_CLASSES[min(max(status // 100, 1), 5) - 1]
-        key = (method, status_class)
+        key = (method, status_class, route_kind, cache)
         counter = self._requests_children.get(key)
         if counter is None:
-            counter = self._requests_children[key] = self.requests.labels(method, status_class)
+            counter = self._requests_children[key] = self.requests.labels(*key)
         counter.inc()
         histogram = self._duration_children.get(method)
         if histogram is None:
@@ -353,6 +415,16 @@ class Metrics:
 
     def add_stats_provider(self, provider: Callable[[], Iterator[Metric]]) -> None:
         self.collector.providers.append(provider)
+
+    def stats_exposition(self) -> bytes:
+        """The scrape-time families (``add_stats_provider``) alone, in the text format."""
+        return generate_latest(self._stats_registry)
+
+
+def _build_info(registry: CollectorRegistry) -> None:
+    Info("proxyd_build", "proxyd build information", registry=registry).info(
+        {"version": __version__}
+    )
 
 
 def pool_gauges(stats: PoolStatsView) -> Iterator[Metric]:
@@ -440,3 +512,76 @@ def cache_gauges(entries: int, size: int, evictions: int, paused: bool) -> Itera
     )
     family.add_metric([], 1 if paused else 0)
     yield family
+
+
+# --- workers: N (the supervisor's registry; see the module docstring) ---------------------------
+
+#: How ``aggregate_stats`` combines one scrape-time family across workers; unnamed ones are summed
+#: (each worker's pool, DNS cache and evictions are its own, so the total is their sum).
+STATS_AGGREGATION: Final[Mapping[str, Literal["sum", "max"]]] = {
+    # Every worker learns the same bad proxies on its own: the longest list, not a sum.
+    "proxyd_bad_proxies": "max",
+    # The shared disk cache's totals, as each worker last read them from the index: the newest.
+    "proxyd_cache_entries": "max",
+    "proxyd_cache_stored_bytes": "max",
+    "proxyd_cache_paused": "max",
+}
+
+
+def aggregate_stats(expositions: Sequence[str]) -> list[Metric]:
+    """Add up the workers' scrape-time families (text format) sample by sample."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in expositions:
+        for family in text_string_to_metric_families(text):
+            if family.name not in families:
+                families[family.name] = Metric(family.name, family.documentation, family.type)
+                values[family.name] = {}
+            table = values[family.name]
+            use_max = STATS_AGGREGATION.get(family.name, "sum") == "max"
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                seen = table.get(key)
+                if seen is None:
+                    table[key] = sample.value
+                else:
+                    table[key] = max(seen, sample.value) if use_max else seen + sample.value
+    for name, metric in families.items():
+        for (sample_name, labels), value in values[name].items():
+            metric.add_sample(sample_name, dict(labels), value)
+    return list(families.values())
+
+
+class _WorkerStatsCollector(Collector):
+    """The workers' scrape-time families as last handed over (``aggregate_stats``)."""
+
+    def __init__(self) -> None:
+        self.families: list[Metric] = []
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
+class SupervisorMetrics:
+    """The supervisor's registry: all workers added up, and the supervisor's own facts."""
+
+    def __init__(self, multiproc_dir: str) -> None:
+        # No auto_describe: the collectors below cannot name their families before workers run.
+        self.registry = registry = CollectorRegistry(auto_describe=False)
+        _build_info(registry)
+        self.workers_ready = Gauge(
+            "proxyd_workers", "Worker processes running and ready now", registry=registry
+        )
+        self.worker_restarts = Counter(
+            "proxyd_worker_restarts_total",
+            "Worker processes started again after one exited while not draining",
+            registry=registry,
+        )
+        MultiProcessCollector(registry, path=multiproc_dir)  # type: ignore[no-untyped-call]
+        self._worker_stats = _WorkerStatsCollector()
+        registry.register(self._worker_stats)
+
+    def exposition(self, worker_stats: Sequence[str]) -> bytes:
+        """/metrics: everything, with the scrape-time families the workers just handed over."""
+        self._worker_stats.families = aggregate_stats(worker_stats)
+        return generate_latest(self.registry)

@@ -12,6 +12,16 @@ pac/cache.py) and the PAC evaluator (pac/evaluator.py). Its life:
   refresh that fails to fetch or compile is logged and counted (``pac_loads{outcome="error"}``)
   and the last good script stays; the same text again counts ``unchanged``; a new one replaces
   the script and empties the result cache. ``refresh()`` is public for a reload signal.
+* ``await router.reconfigure(config.routing, dns_timeout=..., dns_ttl=...)`` applies a reloaded
+  routing section to the decisions that start after it. The static rules, bypass list, fallback
+  and bad-proxy TTL are swapped; a new PAC *loader* (another ``pac.url``, or another engine
+  setting: ``timeout``, ``memory_limit``, the DNS timeout) is started and its script fetched and
+  compiled *before* anything is swapped, so a source that cannot be loaded raises
+  ``PacLoadError`` and the router keeps everything it had (the reload is refused). With the same
+  loader the script is fetched again (``refresh``: a SIGHUP after editing the PAC file picks it
+  up; a failure keeps the loaded script). The refresh loop restarts with the new ``pac.refresh``.
+  An evaluator that is replaced while evaluations still run on it is retired: it is closed when
+  the last of them ends, so no decision in flight falls back because of a reload.
 * ``await router.decide(scheme, host, port, url)`` returns the route list for one request:
 
   1. static mode: ``StaticRouter.decide`` (bypass, rules, default) -- source ``static``;
@@ -48,7 +58,7 @@ from typing import Literal
 import trio
 from prometheus_client import Counter
 
-from proxyd.config import RoutingConfig
+from proxyd.config import PacConfig, RoutingConfig
 from proxyd.observe.metrics import Metrics
 from proxyd.routing.errors import PacFailed, PacLoadError
 from proxyd.routing.failover import BadProxyList
@@ -118,30 +128,134 @@ class Router:
         self._last_error: str | None = None
         self._last_logged: dict[str, float] = {}
         self._decision_counters: dict[tuple[str, str], Counter] = {}
+        # Reload support: the nursery of run(), the refresh loop's scope, and evaluators that
+        # were replaced while evaluations still ran on them (closed when the last one ends).
+        self._nursery: trio.Nursery | None = None
+        self._refresh_scope: trio.CancelScope | None = None
+        self._in_use: dict[PacEvaluator, int] = {}
+        self._retiring: set[PacEvaluator] = set()
 
     # --- life ----------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        if self.mode == "static":
-            task_status.started()
-            await trio.sleep_forever()
-        evaluator = PacEvaluator(
-            timeout=self._pac.timeout,
-            memory_limit=self._pac.memory_limit,
+        try:
+            if self.mode == "pac":
+                # Loaded before the nursery opens, so a PacLoadError reaches the caller as itself
+                # (a nursery would wrap it in an exception group).
+                evaluator = self._new_evaluator(self._pac, self._dns_timeout)
+                try:
+                    await evaluator.start()
+                    self._evaluator = evaluator
+                    await self._load()
+                except BaseException:
+                    self._evaluator = None
+                    evaluator.close()
+                    raise
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._restart_refresh_loop()
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            evaluator_now, self._evaluator = self._evaluator, None
+            for retired in (evaluator_now, *self._retiring):
+                if retired is not None:
+                    retired.close()
+            self._retiring.clear()
+
+    def _new_evaluator(self, pac: PacConfig, dns_timeout: float) -> PacEvaluator:
+        return PacEvaluator(
+            timeout=pac.timeout,
+            memory_limit=pac.memory_limit,
             resolve=self._resolve,
-            dns_timeout=self._dns_timeout,
+            dns_timeout=dns_timeout,
             local_addresses=self._local_addresses,
         )
-        try:
-            await evaluator.start()
-            self._evaluator = evaluator
-            await self._load()
-            task_status.started()
+
+    def _restart_refresh_loop(self) -> None:
+        """Cancel the refresh loop (if any) and start one for the current PAC settings."""
+        if self._refresh_scope is not None:
+            self._refresh_scope.cancel()
+            self._refresh_scope = None
+        if self.mode == "pac" and self._nursery is not None:
+            scope = self._refresh_scope = trio.CancelScope()
+            self._nursery.start_soon(self._refresh_loop, scope, self._pac.refresh)
+
+    async def _refresh_loop(self, scope: trio.CancelScope, interval: float) -> None:
+        with scope:
             while True:
-                await trio.sleep(self._pac.refresh)
+                await trio.sleep(interval)
                 await self.refresh()
-        finally:
-            self._evaluator = None
+
+    async def reconfigure(
+        self,
+        config: RoutingConfig,
+        *,
+        dns_timeout: float | None = None,
+        dns_ttl: float | None = None,
+    ) -> None:
+        """Apply a reloaded routing section (see the module docstring); call while ``run`` runs.
+
+        Raises ``PacLoadError`` when a new PAC source cannot be loaded; nothing changes then."""
+        if self._nursery is None:
+            raise RuntimeError("the router is not running")
+        static = StaticRouter(config)
+        pac = config.pac
+        new_dns_timeout = self._dns_timeout if dns_timeout is None else dns_timeout
+        new_loader = pac.url is not None and (
+            self._evaluator is None
+            or _loader_key(pac, new_dns_timeout) != _loader_key(self._pac, self._dns_timeout)
+        )
+        evaluator: PacEvaluator | None = None
+        loaded: tuple[ScriptFacts, str] | None = None
+        if new_loader:
+            evaluator = self._new_evaluator(pac, new_dns_timeout)
+            try:
+                await evaluator.start()
+                loaded = await self._fetch_and_compile(pac, evaluator, None)
+            except BaseException:
+                evaluator.close()
+                raise
+        # From here on no await until the swap is complete: decide() sees old or new, never both.
+        previous = self._evaluator
+        same_loader = pac.url is not None and not new_loader
+        self.config = config
+        self.static = static
+        self.bad_proxies.ttl = config.bad_proxy_ttl
+        self._dns_timeout = new_dns_timeout
+        if dns_ttl is not None:
+            self._dns_ttl = dns_ttl
+        if pac.cache_size != self._pac.cache_size:
+            self._cache = LruCache(pac.cache_size)
+        self._pac = pac
+        self.mode = "pac" if pac.url else "static"
+        if not same_loader:
+            self._evaluator = evaluator
+            self._facts = self._entry = None
+            self._cache.clear()
+            if previous is not None:
+                self._retire(previous)
+            if evaluator is not None and loaded is not None:
+                self._install(pac, *loaded)
+        self._restart_refresh_loop()
+        if same_loader:
+            await self.refresh()  # the same source, perhaps edited: fetch it again
+
+    def _retire(self, evaluator: PacEvaluator) -> None:
+        if self._in_use.get(evaluator):
+            self._retiring.add(evaluator)
+        else:
+            evaluator.close()
+
+    def _done_with(self, evaluator: PacEvaluator) -> None:
+        left = self._in_use[evaluator] - 1
+        if left:
+            self._in_use[evaluator] = left
+            return
+        del self._in_use[evaluator]
+        if evaluator in self._retiring:
+            self._retiring.discard(evaluator)
             evaluator.close()
 
     async def refresh(self) -> bool:
@@ -157,10 +271,23 @@ class Router:
         return self._facts.version if self._facts is not None else None
 
     async def _load(self) -> bool:
-        location = self._pac.url
         evaluator = self._evaluator
-        if location is None or evaluator is None:
+        if self._pac.url is None or evaluator is None:
             return False
+        loaded = await self._fetch_and_compile(self._pac, evaluator, self._facts)
+        if loaded is None:
+            return False
+        self._install(self._pac, *loaded)
+        return True
+
+    async def _fetch_and_compile(
+        self, pac: PacConfig, evaluator: PacEvaluator, current: ScriptFacts | None
+    ) -> tuple[ScriptFacts, str] | None:
+        """Fetch ``pac.url`` and compile it on ``evaluator``: the script's facts and entry
+        point, or None when the text is ``current``'s version (counted ``unchanged``). A failure
+        is counted and remembered, and raised as ``PacLoadError``."""
+        location = pac.url
+        assert location is not None
         try:
             try:
                 with trio.fail_after(self._fetch_timeout):
@@ -172,16 +299,20 @@ class Router:
                     f"PAC script {location}: not fetched within {self._fetch_timeout:g} s"
                 ) from None
             facts = analyze(source)
-            if self._facts is not None and facts.version == self._facts.version:
+            if current is not None and facts.version == current.version:
                 self._count_load("unchanged")
                 self._last_error = None
-                return False
+                return None
             entry = await evaluator.load(source, location)
         except PacLoadError as exc:
-            # At start-up the caller (run) lets it propagate; refresh() logs it and carries on.
+            # At start-up the caller (run) lets it propagate; refresh() logs it and carries on;
+            # reconfigure() lets it propagate and the reload is refused.
             self._count_load("error")
             self._last_error = exc.message
             raise
+        return facts, entry
+
+    def _install(self, pac: PacConfig, facts: ScriptFacts, entry: str) -> None:
         self._facts, self._entry = facts, entry
         self._cache.clear()
         self._loaded_at = self._wall_clock()
@@ -189,13 +320,12 @@ class Router:
         self._count_load("ok")
         logger.info(
             "PAC script %s loaded: version %s, %d characters, %s, results %s",
-            location,
+            pac.url,
             facts.version,
             facts.size,
             entry,
-            "cached" if facts.cacheable and self._pac.cache_size else "not cached",
+            "cached" if facts.cacheable and pac.cache_size else "not cached",
         )
-        return True
 
     # --- decisions -----------------------------------------------------------------------
 
@@ -233,6 +363,7 @@ class Router:
         wall = self._wall_clock()
         offset = self._utc_offset_minutes(wall) if facts.time_dependent else 0.0
         started = time.perf_counter()
+        self._in_use[evaluator] = self._in_use.get(evaluator, 0) + 1  # see _retire
         try:
             answer = await evaluator.find_proxy(given_url, name, wall, offset)
         except PacEvalError as exc:
@@ -240,6 +371,8 @@ class Router:
             self._count_evaluation(exc.kind)
             self._log_throttled(exc.kind, now, "PAC evaluation failed (%s): %s", exc.kind, exc)
             return self._fallback(f"PAC evaluation failed: {exc.message}")
+        finally:
+            self._done_with(evaluator)
         self._observe_duration(started)
         for alert in answer.alerts:
             logger.debug("PAC alert: %s", alert)
@@ -324,6 +457,11 @@ class Router:
             return
         self._last_logged[kind] = now
         logger.warning(message, *args)
+
+
+def _loader_key(pac: PacConfig, dns_timeout: float) -> tuple[object, ...]:
+    """What a PAC evaluator is built from: a change means a new evaluator and a fresh load."""
+    return (pac.url, pac.timeout, pac.memory_limit, dns_timeout)
 
 
 def _now_or_zero() -> float:

@@ -25,6 +25,9 @@ The query itself never blocks the event loop and holds one of ``dns.max_concurre
 ``getaddrinfo`` in a worker thread (``abandon_on_cancel``: a timed-out thread is left to finish,
 and keeps its slot until it does, so a hung resolver cannot pile up threads).
 
+``reconfigure(config)`` (a config reload) swaps the overrides, TTLs, cache size, query cap and
+timeout in place: the cache and its counters survive a reload.
+
 ``install()`` puts ``_TrioAdapter`` in front of trio's own ``trio.socket.getaddrinfo``, so
 ``trio.open_tcp_stream(host, port)`` (Happy Eyeballs, RFC 8305) connects over cached addresses.
 The adapter turns the cached strings back into getaddrinfo tuples filtered by family and socket
@@ -330,6 +333,18 @@ class Resolver:
         self._inner = _unwrap(previous)
         self._installed = True
 
+    def reconfigure(self, config: DnsConfig) -> None:
+        """A config reload: overrides, TTLs, cache size, the query cap and the timeout apply to
+        lookups from now on (a lookup under way keeps its deadline; cached answers keep theirs)."""
+        self._hosts = {name.lower(): address for name, address in config.hosts.items()}
+        cache = self._cache
+        cache.ttl = config.ttl
+        cache.negative_ttl = config.negative_ttl
+        cache.resize(config.cache_size)
+        # Raising wakes queued queries at once; lowering lets the running ones finish.
+        self._limiter.total_tokens = config.max_concurrent
+        self._timeout = config.timeout
+
     def stats(self) -> DnsStats:
         limiter = self._limiter.statistics()
         return DnsStats(
@@ -348,6 +363,17 @@ class Resolver:
             running=int(limiter.borrowed_tokens),
             waiting=limiter.tasks_waiting,
         )
+
+    def cache_entries(self, limit: int) -> list[tuple[str, tuple[str, ...], str | None, float]]:
+        """``(host, addresses, error, seconds left)`` of up to ``limit`` cached names, most
+        recently used first (a negative ``seconds left``: expired, not yet dropped)."""
+        now = self._clock()
+        return [
+            (host, entry.addresses, None, entry.expires - now)
+            if isinstance(entry, Hit)
+            else (host, (), entry.error, entry.expires - now)
+            for host, entry in self._cache.newest(limit)
+        ]
 
     def metric_families(self) -> Iterator[Metric]:
         """Scrape-time gauges: ``metrics.add_stats_provider(resolver.metric_families)``."""

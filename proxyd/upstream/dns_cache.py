@@ -13,7 +13,8 @@ entries remain (LRU). Expired entries that are never read again stay until they 
 ``size`` counts them too: it is bounded by ``capacity`` either way.
 
 A capacity of 0 turns the cache off, a ``negative_ttl`` of 0 turns negative caching off. The TTLs
-are fixed by config: ``getaddrinfo`` does not report the records' own TTLs.
+are fixed by config: ``getaddrinfo`` does not report the records' own TTLs. A reload may change
+``ttl`` and ``negative_ttl`` (new entries get them) and ``resize`` the cache.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Final
 
 
@@ -89,6 +91,18 @@ class DnsCache:
             self._entries.pop(host, None)
             return
         self._store(host, NegativeHit(error, now + self.negative_ttl))
+
+    def newest(self, limit: int) -> list[tuple[str, Hit | NegativeHit]]:
+        """Up to ``limit`` entries, most recently used first (read-only, for the status page)."""
+        return list(islice(reversed(self._entries.items()), limit))
+
+    def resize(self, capacity: int) -> None:
+        """A new capacity (a config reload): the oldest entries go at once when it shrank."""
+        self.capacity = capacity
+        entries = self._entries
+        while len(entries) > max(capacity, 0):
+            entries.popitem(last=False)
+            self.evictions += 1
 
     def _store(self, host: str, entry: Hit | NegativeHit) -> None:
         entries = self._entries

@@ -15,6 +15,9 @@ its group (late binding) or keeps it idle. A reaper task expires idle sockets ev
 
 CONNECT tunnels and WebSocket sessions are not pooled: ``tunnel_slot(host)`` bounds them per host
 (``pool.tunnels_per_host``, Chromium's 255 for WebSockets), apart from the HTTP limits.
+
+``reconfigure(config)`` (a config reload) applies new limits and timeouts to acquisitions from then
+on: sockets and tunnels already open stay, even above a lowered limit (see ``pool_state``).
 """
 
 from __future__ import annotations
@@ -124,6 +127,16 @@ class PoolStats:
     tunnels: int
 
 
+def _limits(config: PoolConfig) -> Limits:
+    return Limits(
+        per_group=config.per_group,
+        per_proxy=config.per_proxy,
+        total=config.total,
+        idle_unused=config.idle_unused,
+        idle_used=config.idle_used,
+    )
+
+
 def _snapshot(group: GroupStats) -> GroupSnapshot:
     key = group.key
     if isinstance(key, tuple) and len(key) == 4:
@@ -146,15 +159,7 @@ class Pool:
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.config = config
-        self.state = PoolState(
-            Limits(
-                per_group=config.per_group,
-                per_proxy=config.per_proxy,
-                total=config.total,
-                idle_unused=config.idle_unused,
-                idle_used=config.idle_used,
-            )
-        )
+        self.state = PoolState(_limits(config))
         self._connector = connector
         self._metrics = metrics
         self._clock = clock
@@ -178,6 +183,14 @@ class Pool:
         finally:
             self._nursery = None
             self.close_all()
+
+    def reconfigure(self, config: PoolConfig) -> None:
+        """New limits and timeouts for acquisitions from now on (a config reload)."""
+        self.config = config
+        self._apply(self.state.set_limits(_limits(config), self._clock()))
+        for limiter in self._tunnels.values():
+            # Raising wakes waiters at once; lowering lets the tunnels open now finish.
+            limiter.total_tokens = config.tunnels_per_host
 
     def close_all(self) -> None:
         self._apply(self.state.close_all_idle())

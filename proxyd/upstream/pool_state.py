@@ -26,6 +26,10 @@ they never carried a request and ``idle_used`` seconds otherwise (Chromium: 10 s
 
 Every method returns a ``Plan``: grants to deliver, connects to start, sockets to close, failures
 to deliver. The trio shell (pool.py) applies it with no await in between deciding and acting.
+
+A config reload swaps the limits (``set_limits``). Nothing already open is touched: sockets above
+a lowered limit stay until they close or expire (new connects obey the new limit, and sockets
+only ever go back under it); a raised limit lets starved groups connect at once.
 """
 
 from __future__ import annotations
@@ -162,6 +166,13 @@ class PoolState:
         if not group.waiters:
             self._starved.pop(key, None)
         self._maybe_forget(group)
+        return plan
+
+    def set_limits(self, limits: Limits, now: float) -> Plan:
+        """New limits from a reload; they apply to connects from now on (see the docstring)."""
+        plan = Plan()
+        self.limits = limits
+        self._rebalance(now, plan)
         return plan
 
     # --- connects --------------------------------------------------------------------------

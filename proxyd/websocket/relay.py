@@ -194,9 +194,13 @@ class Session:
         origin_pending: bytes = b"",
         metrics: Metrics | None = None,
         name: str = "ws",
+        target: str = "",
     ) -> None:
         self.settings = settings
         self.name = name
+        #: What the status page shows: the origin's authority and path, and when it started.
+        self.target = target
+        self.started_at = trio.current_time()
         self.stats = SessionStats()
         self._metrics = metrics
         self._hops = (
@@ -229,6 +233,17 @@ class Session:
     @property
     def is_done(self) -> bool:
         return self._done
+
+    @property
+    def progress(self) -> SessionStats:
+        """Messages and payload bytes relayed so far (a fresh copy: for the status page)."""
+        client, origin = self._hops
+        return SessionStats(
+            messages_up=client.messages,
+            messages_down=origin.messages,
+            bytes_up=client.payload_bytes,
+            bytes_down=origin.payload_bytes,
+        )
 
     def drain(self) -> None:
         """Close both sides with 1001 and let the handshakes finish (idempotent; a no-op once

@@ -208,6 +208,7 @@ async def run_upgrade(
         origin_pending=origin_pending,
         metrics=metrics,
         name=name,
+        target=(authority + path).decode("ascii", "replace"),
     )
     # The handshake's objects are not needed while the session runs (memory per idle session).
     del oc, head, headers, facts, answer, accepted, response, client_hop

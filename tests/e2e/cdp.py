@@ -20,7 +20,9 @@ proxy under test for everything, loopback included (``--proxy-bypass-list=<-loop
 Chromium never proxies 127.0.0.1). Even with every background service switched off, Debian's build
 still asks the proxy for ``accounts.google.com`` and ``update.googleapis.com`` at startup; the
 in-process proxyd of the tests resolves names only through the loopback resolver of
-``tests/conftest.py``, so these get a 502 and nothing leaves the machine.
+``tests/conftest.py``, so these get a 502 and nothing leaves the machine. Launched without a
+proxy (``launch_chromium(None, ...)``, for the admin listener's own pages), the browser connects
+directly (``--no-proxy-server``), and ``--host-resolver-rules`` still resolves no name at all.
 """
 
 from __future__ import annotations
@@ -298,20 +300,19 @@ async def _stop(process: trio.Process) -> None:
 
 
 @asynccontextmanager
-async def launch_chromium(proxy_url: str, workdir: Path) -> AsyncIterator[Browser]:
-    """Headless Chromium using ``proxy_url`` for every request, loopback included."""
+async def launch_chromium(proxy_url: str | None, workdir: Path) -> AsyncIterator[Browser]:
+    """Headless Chromium using ``proxy_url`` for every request, loopback included (None: no
+    proxy, for pages the test serves itself, such as the admin listener's status page)."""
     profile = workdir / "chromium-profile"
     profile.mkdir(parents=True, exist_ok=False)  # a fresh profile every time
     stderr_path = workdir / "chromium-stderr.log"
-    argv = [
-        CHROMIUM,
-        *BASE_FLAGS,
-        f"--user-data-dir={profile}",
-        f"--proxy-server={proxy_url}",
+    argv = [CHROMIUM, *BASE_FLAGS, f"--user-data-dir={profile}"]
+    if proxy_url is not None:
         # Chromium bypasses the proxy for loopback unless told otherwise.
-        "--proxy-bypass-list=<-loopback>",
-        "about:blank",
-    ]
+        argv += [f"--proxy-server={proxy_url}", "--proxy-bypass-list=<-loopback>"]
+    else:
+        argv.append("--no-proxy-server")
+    argv.append("about:blank")
     with stderr_path.open("wb") as stderr:
         process = await trio.lowlevel.open_process(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr

@@ -35,8 +35,18 @@ async def test_metrics_count_requests_connections_and_durations(
         for family in text_string_to_metric_families(response.text)
         for sample in family.samples
     }
-    assert samples[("proxyd_requests_total", (("method", "GET"), ("status_class", "2xx")))] == 3
-    assert samples[("proxyd_requests_total", (("method", "POST"), ("status_class", "2xx")))] == 1
+
+    def requests(method: str) -> float:
+        labels = (
+            ("cache", "none"),
+            ("method", method),
+            ("route_kind", "direct"),
+            ("status_class", "2xx"),
+        )
+        return samples[("proxyd_requests_total", labels)]
+
+    assert requests("GET") == 3
+    assert requests("POST") == 1
     assert samples[("proxyd_upstream_connects_total", (("outcome", "ok"),))] == 1
     assert samples[("proxyd_upstream_reused_total", ())] == 3
     assert samples[("proxyd_request_duration_seconds_count", (("method", "GET"),))] == 3

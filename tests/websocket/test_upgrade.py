@@ -55,7 +55,10 @@ async def test_echo_and_one_access_log_line_per_session(
     assert "in=13 out=13" in line
     text = await metrics_text(ws_proxy)
     assert 'proxyd_websocket_sessions_total{outcome="clean"} 1.0' in text
-    assert 'proxyd_requests_total{method="GET",status_class="1xx"} 1.0' in text
+    assert (
+        'proxyd_requests_total{cache="none",method="GET",route_kind="direct",status_class="1xx"}'
+        " 1.0" in text
+    )
     assert 'proxyd_websocket_messages_total{direction="upload"} 4.0' in text
     assert 'proxyd_websocket_message_bytes_total{direction="download"} 13.0' in text
     assert 'proxyd_websocket_close_codes_total{code="1000",initiator="client"} 1.0' in text
