@@ -44,9 +44,10 @@ ENV PATH=/opt/proxyd/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PROXYD_HEALTH_URL=http://127.0.0.1:9180/healthz
-# A fixed uid/gid (10001) so volumes and k8s securityContext (runAsUser, fsGroup) can name it.
-RUN groupadd --system --gid 10001 proxyd \
- && useradd --system --uid 10001 --gid proxyd --no-create-home \
+# A fixed uid/gid (10001) so volumes and k8s securityContext (runAsUser, fsGroup) can name it;
+# --no-log-init: no sparse lastlog entry for a high uid.
+RUN groupadd --gid 10001 proxyd \
+ && useradd --uid 10001 --gid proxyd --no-create-home --no-log-init \
         --home-dir /var/cache/proxyd --shell /usr/sbin/nologin proxyd \
  && mkdir -p /etc/proxyd /var/cache/proxyd \
  && chown proxyd:proxyd /var/cache/proxyd

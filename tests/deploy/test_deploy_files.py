@@ -180,8 +180,8 @@ def test_dockerfile_arguments_base_and_pip() -> None:
 
 
 def test_image_matches_its_config() -> None:
-    """Ports, the cache volume, the config path and the PAC file agree with deploy/proxyd.docker.yaml,
-    which listens on all addresses at the daemon's default ports."""
+    """Ports, the cache volume, the config path and the PAC file agree with the image's config
+    (deploy/proxyd.docker.yaml), which listens on all addresses at the daemon's default ports."""
     config = docker_config()
     assert config.listen == (HostPort("0.0.0.0", PROXY_PORT),)
     assert config.admin.listen == HostPort("0.0.0.0", ADMIN_PORT)
@@ -192,7 +192,9 @@ def test_image_matches_its_config() -> None:
     volumes = [v for i in stage if i.keyword == "VOLUME" for v in i.exec_form()]
     assert volumes == [config.cache.dir]
     copies = {
-        tuple(i.arguments.split()) for i in stage if i.keyword == "COPY" and "--from" not in i.arguments
+        tuple(i.arguments.split())
+        for i in stage
+        if i.keyword == "COPY" and "--from" not in i.arguments
     }
     assert ("deploy/proxyd.docker.yaml", IMAGE_CONFIG_PATH) in copies
     assert config.admin.proxy_pac is not None
@@ -248,7 +250,9 @@ def dockerignore_allows(path: str) -> bool:
             matched = True
         elif pattern.startswith("**/"):
             tail = pattern[3:]
-            matched = any(re.fullmatch(tail.replace(".", r"\.").replace("*", ".*"), p) for p in parts)
+            matched = any(
+                re.fullmatch(tail.replace(".", r"\.").replace("*", ".*"), p) for p in parts
+            )
         else:
             matched = path == pattern or path.startswith(pattern + "/")
         if matched:
@@ -262,7 +266,9 @@ def test_dockerignore_keeps_the_context_to_what_the_build_installs() -> None:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text("utf-8"))
     needed = {"pyproject.toml", pyproject["project"]["readme"], "proxyd/__init__.py"}
     needed |= {
-        str(i.arguments.split()[0]) for i in final_stage() if i.keyword == "COPY" and "--from" not in i.arguments
+        str(i.arguments.split()[0])
+        for i in final_stage()
+        if i.keyword == "COPY" and "--from" not in i.arguments
     }
     needed |= {"deploy/requirements.txt", "wheels/x.whl"}
     for link in (REPO / "proxyd").rglob("*"):
@@ -320,8 +326,8 @@ def pinned_versions() -> dict[str, str]:
 
 
 def test_requirements_pin_every_runtime_dependency() -> None:
-    """deploy/requirements.txt (the image's pip constraints) pins each runtime dependency, every
-    pin satisfies what pyproject.toml and the pinned packages ask for, and nothing else is pinned."""
+    """deploy/requirements.txt (the image's pip constraints) pins each runtime dependency, each
+    pin satisfies what pyproject.toml and the pinned packages ask for, nothing else is pinned."""
     pins = pinned_versions()
     wanted = runtime_distributions()
     assert set(wanted) == set(pins), (
@@ -550,7 +556,9 @@ def test_alert_rules_fire_when_they_should() -> None:
     quiet on the near misses (too little traffic, a flapping gauge, another instance)."""
     result = promtool("test", "rules", "tests/deploy/alerts_test.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    tested = set(re.findall(r"alertname: (\w+)", (REPO / "tests/deploy/alerts_test.yml").read_text()))
+    tested = set(
+        re.findall(r"alertname: (\w+)", (REPO / "tests/deploy/alerts_test.yml").read_text())
+    )
     assert tested == alert_names(), "every alert has a unit test"
 
 
@@ -558,7 +566,9 @@ def test_alert_rules_fire_when_they_should() -> None:
 def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
     """The panel queries, with Grafana's variables filled in, as recording rules promtool parses."""
     rules = []
-    for index, expr in enumerate(q for q in dashboard_queries() if not q.startswith("label_values")):
+    for index, expr in enumerate(
+        q for q in dashboard_queries() if not q.startswith("label_values")
+    ):
         filled = expr.replace("$__rate_interval", "1m").replace("$instance", ".*")
         rules.append({"record": f"dashboard:query{index}", "expr": filled})
     path = tmp_path / "dashboard_rules.yml"
@@ -595,7 +605,13 @@ def test_systemd_unit_reloads_with_sighup_and_caches_under_var_cache() -> None:
     # Stopping waits for the drain (SIGTERM, shutdown_timeout) before systemd kills.
     assert settings["KillSignal"] == ["SIGTERM"]
     assert seconds(settings["TimeoutStopSec"][0]) > DEFAULTS.shutdown_timeout
-    for sandbox in ("DynamicUser", "NoNewPrivileges", "ProtectHome", "PrivateTmp", "PrivateDevices"):
+    for sandbox in (
+        "DynamicUser",
+        "NoNewPrivileges",
+        "ProtectHome",
+        "PrivateTmp",
+        "PrivateDevices",
+    ):
         assert settings[sandbox] == ["yes"], sandbox
     assert settings["ProtectSystem"] == ["strict"]
     assert settings["CapabilityBoundingSet"] == [""]
@@ -709,7 +725,9 @@ def test_k8s_services_and_podmonitor_select_the_pods() -> None:
     statefulset = objects[("StatefulSet", "proxyd")]
     labels = statefulset["spec"]["template"]["metadata"]["labels"]
     port_names = {port["name"] for port in proxyd_container()["ports"]}
-    assert statefulset["spec"]["serviceName"] in {name for kind, name in objects if kind == "Service"}
+    assert statefulset["spec"]["serviceName"] in {
+        name for kind, name in objects if kind == "Service"
+    }
     for (kind, _), manifest in objects.items():
         if kind == "Service":
             assert manifest["spec"]["selector"].items() <= labels.items()

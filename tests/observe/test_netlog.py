@@ -99,11 +99,12 @@ async def read_capture(capture: Capture, until: str, req: int | None = None) -> 
 
 
 async def test_admin_capture_streams_each_step_of_each_request_in_order(
-    proxy: RunningProxy, origin: Origin
+    proxy: RunningProxy, origin: Origin, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """GET /netlog?seconds=1 streams JSON lines while requests run: every request has its
     milestones in order on one connection id, a reused socket says so, a 1xx is an event, and
-    the stream begins with netlog_start and ends with netlog_end (nothing dropped)."""
+    the stream begins with netlog_start and ends with netlog_end (nothing dropped). The viewer
+    reads the saved stream."""
     origin.route("/hints", early_hints)
     lines: list[str] = []
     with trio.fail_after(10):
@@ -146,6 +147,13 @@ async def test_admin_capture_streams_each_step_of_each_request_in_order(
     # Every request rode the same client connection.
     assert len({e["conn"] for r in requests for e in r}) == 1
     assert proxy.server.netlog.active is False  # the capture unsubscribed at its end
+    saved = tmp_path / "stream.jsonl"
+    saved.write_text("\n".join(lines) + "\n", "utf-8")
+    assert main(["netlog", "summarize", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("3 request(s), 1 connection(s), 1 capture(s);")
+    assert f"  reused  GET {origin.url('/two')}\n" in out
+    assert "slowest 3:" in out
 
 
 async def test_admin_capture_bounds_its_arguments(proxy: RunningProxy) -> None:
