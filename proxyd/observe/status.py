@@ -38,6 +38,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Protocol
 
+from proxyd.observe.metrics import GroupView
+
 ROW_LIMIT: Final = 200
 TEXT_LIMIT: Final = 200
 DEFAULT_REFRESH: Final = 2
@@ -53,19 +55,11 @@ _USERINFO: Final = re.compile(r"(//)[^/@\s;?#]*@")
 # --- what the snapshot reads (the stats dataclasses of pool, router, dns, store, client) --------
 
 
-class PoolGroupView(Protocol):
+class PoolGroupView(GroupView, Protocol):
+    """A pool group as the metrics read it, plus its name."""
+
     @property
     def name(self) -> str: ...
-    @property
-    def route_kind(self) -> str: ...
-    @property
-    def active(self) -> int: ...
-    @property
-    def idle(self) -> int: ...
-    @property
-    def connecting(self) -> int: ...
-    @property
-    def waiting(self) -> int: ...
 
 
 class PoolView(Protocol):
