@@ -19,18 +19,20 @@ How it works: ``ClientConnection.run`` loops over requests on one keep-alive con
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
-import h11
 import trio
 
-from proxyd.cache.transaction import HttpCache
+from proxyd._h11 import h11
+from proxyd.cache.transaction import HttpCache, sendfile_to_socket
 from proxyd.config import Config
 from proxyd.errors import (
     BadRequest,
@@ -42,7 +44,7 @@ from proxyd.errors import (
     RequestHeadTimeout,
     TransferCodingNotImplemented,
 )
-from proxyd.http import access
+from proxyd.http import access, sockio
 from proxyd.http.messages import (
     HEAD_INCOMPLETE,
     Target,
@@ -132,6 +134,73 @@ class RecentError:
     detail: str
 
 
+class IdleConnections:
+    """Client connections waiting for their next request, oldest first, and the task that
+    closes those idle for longer than ``client.timeouts.idle``.
+
+    Why not a cancel scope with a deadline around each wait: an idle connection is what a proxy
+    holds most of (thousands of keep-alive clients), and a scope costs ~0.8 KiB while it waits
+    (the scope, its CancelStatus with two sets, an entry in trio's deadline heap) plus an
+    enter/exit per request. Here a waiting connection is one dict entry: a dict keeps insertion
+    order, and connections are added when they start to wait, so the oldest is first and its
+    deadline (``since + timeout``) is the earliest. ``run`` sleeps until that deadline (or until
+    something is added to an empty set, or the timeout changes) and ends every connection whose
+    time is up by waking its wait with ``trio.lowlevel.notify_closing``: the wait raises
+    ``ClosedResourceError`` and the connection closes its socket itself. Draining ends idle
+    connections the same way (``close``). A connection that leaves the set by itself (its next
+    request arrived) costs the sweeper nothing until its old deadline, when it finds a later one.
+    """
+
+    __slots__ = ("_since", "_wakeup", "timeout")
+
+    def __init__(self, timeout: float) -> None:
+        self._since: dict[ClientConnection, float] = {}
+        self._wakeup = trio.lowlevel.ParkingLot()
+        self.timeout = timeout
+
+    def __len__(self) -> int:
+        return len(self._since)
+
+    def add(self, conn: ClientConnection, now: float) -> None:
+        since = self._since
+        if not since:
+            self._wakeup.unpark_all()  # the sweeper sleeps without a deadline while empty
+        since[conn] = now
+
+    def discard(self, conn: ClientConnection) -> None:
+        self._since.pop(conn, None)
+
+    def close(self, conn: ClientConnection) -> None:
+        """End ``conn`` now if it waits for a request (draining); otherwise nothing."""
+        if self._since.pop(conn, None) is not None:
+            conn.wake_to_close()
+
+    def set_timeout(self, timeout: float) -> None:
+        """A reload: connections already waiting get the new timeout too (counted from when
+        they started to wait)."""
+        self.timeout = timeout
+        self._wakeup.unpark_all()
+
+    def expire(self, now: float) -> float:
+        """Close every connection idle past the timeout; the next deadline (inf when empty)."""
+        since = self._since
+        timeout = self.timeout
+        while since:
+            conn = next(iter(since))
+            deadline = since[conn] + timeout
+            if deadline > now:
+                return deadline
+            del since[conn]
+            conn.wake_to_close()
+        return math.inf
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            with trio.move_on_at(self.expire(trio.current_time())):
+                await self._wakeup.park()
+
+
 @dataclass(slots=True)
 class Services:
     """What every client connection of one server shares."""
@@ -160,6 +229,11 @@ class Services:
     recent_errors: deque[RecentError] = field(default_factory=lambda: deque(maxlen=RECENT_ERRORS))
     #: Per-request timed events (observe/netlog.py); emit only under ``if netlog.active:``.
     netlog: NetLog = NETLOG_OFF
+    #: Connections waiting for their next request (the server runs its sweeper task).
+    idle: IdleConnections = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.idle = IdleConnections(self.config.client.timeouts.idle)
 
     def websocket_context(self) -> UpgradeContext:
         context = self._websocket
@@ -204,14 +278,18 @@ class Services:
         self.pseudonym = pseudonym
         self._via_cache.clear()
         self._websocket = None  # rebuilt from config.websocket for the next session
+        self.idle.set_timeout(config.client.timeouts.idle)
 
 
 class ClientConnection:
+    # Slots, and nothing made before it is needed: an idle keep-alive connection should cost a
+    # few KiB (bench/memory_bench.py), and most of that is trio's task and socket objects.
     __slots__ = (
         "_error_detail",
-        "_idle_scope",
+        "_limiter",
         "_linger",
         "_logged",
+        "_token",
         "allowed",
         "client_address",
         "conn_id",
@@ -223,8 +301,18 @@ class ClientConnection:
     )
 
     def __init__(
-        self, services: Services, stream: trio.SocketStream, client_address: str, allowed: bool
+        self,
+        services: Services,
+        stream: trio.SocketStream,
+        client_address: str,
+        allowed: bool,
+        *,
+        limiter: trio.CapacityLimiter | None = None,
+        token: object = None,
     ) -> None:
+        """``limiter``/``token``: the ``client.max_connections`` slot the server took for this
+        connection before accepting it; released when the connection ends. The connection is
+        its own task (``run``), with no wrapper coroutine kept alive under it."""
         self.services = services
         self.stream = stream
         self.client_address = client_address
@@ -234,7 +322,8 @@ class ClientConnection:
             h11.SERVER, max_incomplete_event_size=services.config.client.max_head_size
         )
         self.user = "-"
-        self._idle_scope: trio.CancelScope | None = None
+        self._limiter = limiter
+        self._token = token
         self._linger = False
         self._logged = False
         self._error_detail = ""  # the failing request's error detail, for recent_errors
@@ -242,34 +331,46 @@ class ClientConnection:
 
     # --- I/O helpers used by http.relay (the ClientSide protocol) ------------------------------
 
-    # A bare CancelScope with a deadline, not trio.fail_after: that one is a generator-based
-    # context manager and costs several microseconds on every call of the per-request path.
+    # http.sockio, not the stream's own methods: a write the kernel takes at once returns
+    # without a scheduler round trip, and a deadline scope is entered only when it must wait.
 
     async def send(self, data: bytes, timeout: float) -> None:
-        scope = trio.CancelScope(deadline=trio.current_time() + timeout)
         try:
-            with scope:
-                await self.stream.send_all(data)
+            done = await sockio.send_all(self.stream, data, trio.current_time() + timeout)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ClientGone("the client went away") from exc
-        if scope.cancelled_caught:
+        if not done:
             raise ClientGone(f"the client did not read for {timeout:g}s")
 
     async def receive(self, timeout: float) -> bytes:
-        scope = trio.CancelScope(deadline=trio.current_time() + timeout)
         try:
-            with scope:
-                return await self.stream.receive_some(RECEIVE_SIZE)
+            data = await sockio.receive_within(self.stream, timeout, wait_first=False)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ClientGone("the client went away") from exc
-        raise ClientGone(f"the client sent nothing for {timeout:g}s")
+        if data is None:
+            raise ClientGone(f"the client sent nothing for {timeout:g}s")
+        return data
+
+    async def sendfile(self, fd: int, offset: int, count: int, timeout: float) -> int:
+        """Zero-copy send of part of a cache body file (cache.transaction: large hits); only on
+        a plain TCP stream (an OSError otherwise, and the cache reads and sends instead)."""
+        stream = self.stream
+        if type(stream) is not trio.SocketStream:
+            raise OSError(errno.ENOTSOCK, "not a plain TCP stream")
+        return await sendfile_to_socket(stream.socket, fd, offset, count, timeout)
 
     def is_closing(self) -> bool:
         return self.services.draining
 
     def cancel_if_idle(self) -> None:
-        if self._idle_scope is not None:
-            self._idle_scope.cancel()
+        self.services.idle.close(self)
+
+    def wake_to_close(self) -> None:
+        """End the wait for the next request (IdleConnections): it raises ClosedResourceError
+        and the connection closes. The socket is not closed here: its task does that."""
+        stream = self.stream
+        if type(stream) is trio.SocketStream and stream.socket.fileno() >= 0:
+            trio.lowlevel.notify_closing(stream.socket)
 
     # --- the request loop -------------------------------------------------------------------
 
@@ -286,6 +387,12 @@ class ClientConnection:
             log.debug("c%d: %s", self.conn_id, exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             log.debug("c%d: connection broke", self.conn_id)
+        except Exception:
+            log.exception(
+                "c%d: unexpected error on a client connection from %s",
+                self.conn_id,
+                self.client_address,
+            )
         finally:
             services.connections.discard(self)
             if services.draining and not services.connections:
@@ -293,10 +400,14 @@ class ClientConnection:
             metrics.client_connections_active.dec()
             if services.netlog.active:
                 services.netlog.emit(self.conn_id, None, "closed")
-            with trio.CancelScope(shield=True):
-                if self._linger:
-                    await self._lingering_close()
-                await trio.aclose_forcefully(self.stream)
+            try:
+                with trio.CancelScope(shield=True):
+                    if self._linger:
+                        await self._lingering_close()
+                    await trio.aclose_forcefully(self.stream)
+            finally:
+                if self._limiter is not None:
+                    self._limiter.release_on_behalf_of(self._token)
 
     async def _lingering_close(self) -> None:
         """After an error response, half-close and read what the client still sends (bounded) so
@@ -315,7 +426,6 @@ class ClientConnection:
                 return
 
     async def _loop(self) -> None:
-        cc = self.h11
         services = self.services
         while True:
             self._logged = False
@@ -329,14 +439,19 @@ class ClientConnection:
                 return
             self.req_id = next(_request_ids)
             keep_alive = await self._serve(request)
+            del request  # not kept alive (~0.5 KiB of head) while waiting for the next one
             if not keep_alive or services.draining:
                 return
+            # Read after the exchange, and not kept across the next one: a tunnelled WebSocket
+            # replaces self.h11, and the CONNECT's connection must not outlive it (~0.9 KiB).
+            cc = self.h11
             if cc.our_state is not h11.DONE or cc.their_state is not h11.DONE:
                 # e.g. the origin answered before the whole body came: close in stages so the
                 # unread upload does not turn the close into a reset that destroys the answer.
                 self._linger = True
                 return
             cc.start_next_cycle()
+            del cc
 
     async def _read_request(self) -> h11.Request | None:
         """Next request head, or None when the client closed (or idled out) between requests."""
@@ -349,6 +464,7 @@ class ClientConnection:
         if scan:
             head_checked = check_head_bytes(scan, max_head) != HEAD_INCOMPLETE
         head_deadline = trio.current_time() + config.timeouts.head if scan else None
+        waited = False
         while True:
             try:
                 event = cc.next_event()
@@ -366,23 +482,28 @@ class ClientConnection:
                 if head_deadline is None:
                     if self.services.draining:
                         return None
-                    with trio.CancelScope() as idle_scope:
-                        idle_scope.deadline = trio.current_time() + config.timeouts.idle
-                        self._idle_scope = idle_scope
-                        try:
-                            data = await self.stream.receive_some(RECEIVE_SIZE)
-                        finally:
-                            self._idle_scope = None
-                    if idle_scope.cancelled_caught:
+                    # We just answered the previous request, so the next one cannot be here
+                    # yet: wait, then read (http.sockio), rather than a read that fails first.
+                    # The idle timeout and draining end the wait through IdleConnections.
+                    idle = self.services.idle
+                    idle.add(self, trio.current_time())
+                    try:
+                        data = await sockio.read_after_wait(self.stream)
+                    except trio.ClosedResourceError:
                         return None  # keep-alive idle timeout, or draining
+                    finally:
+                        idle.discard(self)
                     head_deadline = trio.current_time() + config.timeouts.head
                 else:
-                    with trio.move_on_at(head_deadline) as scope:
-                        data = await self.stream.receive_some(RECEIVE_SIZE)
-                    if scope.cancelled_caught:
+                    maybe_data = await sockio.receive_some(
+                        self.stream, head_deadline, wait_first=True
+                    )
+                    if maybe_data is None:
                         raise RequestHeadTimeout(
                             f"the request head did not arrive within {config.timeouts.head:g}s"
                         )
+                    data = maybe_data
+                waited = True
                 if not data:
                     if scan:
                         log.debug("c%d: client closed mid-head", self.conn_id)
@@ -394,6 +515,11 @@ class ClientConnection:
                 continue
             if type(event) is h11.Request:
                 assert isinstance(event, h11.Request)
+                if not waited:
+                    # A pipelined request was buffered already: yield once anyway, so a client
+                    # that keeps the buffer full cannot hold the event loop (http.sockio skips
+                    # the checkpoint of writes that complete at once).
+                    await trio.lowlevel.checkpoint()
                 return event
             return None  # ConnectionClosed
 
@@ -448,30 +574,13 @@ class ClientConnection:
                 async def fetch(
                     headers: list[tuple[bytes, bytes]], tap: ResponseTap | None
                 ) -> None:
-                    routes = await self._decide(
-                        target.scheme.decode("ascii"), target.host, target.port, url.decode("ascii")
-                    )
-
-                    async def attempt(route: Route) -> None:
-                        await forward(
-                            self, request, target, facts, services.relay, stats, route,
-                            tap=tap, headers=headers,
-                        )  # fmt: skip
-
-                    await self._with_failover(routes, attempt, stats)
+                    await self._forward(request, target, facts, stats, tap, headers)
 
                 await cache.handle(
                     self, method, list(request.headers), target, facts.headers, stats, fetch
                 )
             else:
-                routes = await self._decide(
-                    target.scheme.decode("ascii"), target.host, target.port, url.decode("ascii")
-                )
-
-                async def attempt(route: Route) -> None:
-                    await forward(self, request, target, facts, services.relay, stats, route)
-
-                await self._with_failover(routes, attempt, stats)
+                await self._forward(request, target, facts, stats, None, None)
         except ProxydError as exc:
             if stats.head_sent:  # too late for an error response: cut the connection
                 log.info("c%d: %s", self.conn_id, exc.detail)
@@ -637,6 +746,33 @@ class ClientConnection:
         else:
             self.services.netlog.emit(self.conn_id, self.req_id, "failed", error=error, **fields)
 
+    async def _forward(
+        self,
+        request: h11.Request,
+        target: Target,
+        facts: RequestFacts,
+        stats: ExchangeStats,
+        tap: ResponseTap | None,
+        headers: list[tuple[bytes, bytes]] | None,
+    ) -> None:
+        """Route the request and relay it (http.relay.forward), failing over like
+        ``_with_failover``; written out rather than through it, so the per-request path creates
+        no closure and has one coroutine frame less under every await."""
+        routes = await self._decide(
+            target.scheme.decode("ascii"), target.host, target.port, request.target.decode("ascii")
+        )
+        relay = self.services.relay
+        for index, route in enumerate(routes):
+            stats.route = route.label
+            stats.route_kind = route_kind(route)
+            try:
+                await forward(
+                    self, request, target, facts, relay, stats, route, tap=tap, headers=headers
+                )
+                return
+            except ProxydError as exc:
+                self._route_failed(routes, index, exc, stats)
+
     async def _with_failover(
         self,
         routes: RouteList,
@@ -646,30 +782,36 @@ class ClientConnection:
         """Try each route in order. A proxy that failed as a proxy goes on the bad-proxy list and
         the next route is tried — only while nothing has reached the client and no request body
         was consumed (a request is never replayed once it started to flow)."""
-        router = self.services.router
-        metrics = self.services.metrics
-        last = len(routes) - 1
         for index, route in enumerate(routes):
             stats.route = route.label
             stats.route_kind = route_kind(route)
             try:
                 return await attempt(route)
             except ProxydError as exc:
-                if not exc.proxy_failure:
-                    raise
-                router.bad_proxies.mark_bad(exc.next_hop or route.label, trio.current_time())
-                if self.services.netlog.active:
-                    self.services.netlog.emit(
-                        self.conn_id, self.req_id, "route_failed", route=route.label,
-                        error=exc.error_type,
-                    )  # fmt: skip
-                if index == last or stats.head_sent or stats.informational or stats.bytes_in:
-                    raise
-                metrics.failovers.labels(route_kind(route)).inc()
-                log.warning(
-                    "c%d: %s; failing over to %s", self.conn_id, exc.detail, routes[index + 1].label
-                )
+                self._route_failed(routes, index, exc, stats)
         raise AssertionError("unreachable: a route list is never empty")
+
+    def _route_failed(
+        self, routes: RouteList, index: int, exc: ProxydError, stats: ExchangeStats
+    ) -> None:
+        """``routes[index]`` failed with ``exc`` (being handled): re-raise it unless failing
+        over to the next route is allowed (then mark the proxy bad and return)."""
+        route = routes[index]
+        if not exc.proxy_failure:
+            raise exc
+        services = self.services
+        services.router.bad_proxies.mark_bad(exc.next_hop or route.label, trio.current_time())
+        if services.netlog.active:
+            services.netlog.emit(
+                self.conn_id, self.req_id, "route_failed", route=route.label,
+                error=exc.error_type,
+            )  # fmt: skip
+        if index == len(routes) - 1 or stats.head_sent or stats.informational or stats.bytes_in:
+            raise exc
+        services.metrics.failovers.labels(route_kind(route)).inc()
+        log.warning(
+            "c%d: %s; failing over to %s", self.conn_id, exc.detail, routes[index + 1].label
+        )
 
     async def _serve_connect(self, request: h11.Request, started: float) -> bool:
         services = self.services
@@ -857,50 +999,59 @@ class ClientConnection:
         assert sniffed.conn is not None and sniffed.request is not None
         inner = sniffed.request
         self.h11 = sniffed.conn
+        # Nothing of the handshake stays referenced while the session runs (memory per idle
+        # session): the sniffed bytes and parsed request go now, and the request is handed to
+        # run_upgrade through ``handed`` (no local keeps it), which drops it after the 101.
+        sniffed.conn = sniffed.request = None
+        sniffed.client_bytes = b""
+        method = inner.method
         started = trio.current_time()
         authority = connect.target
         for name, value in inner.headers:
             if name == b"host":
                 authority = value
-        url = b"ws://" + authority + inner.target
+        path = inner.target
+        url = b"ws://" + authority + path
         stats = ExchangeStats(
             upstream=connect_stats.upstream,
             route=connect_stats.route,
             route_kind=connect_stats.route_kind,
         )
+        handed = [inner]
+        del inner
         try:
             upgrade = check_client_upgrade(
-                inner.method, inner.http_version, inner.headers.raw_items()
+                method, handed[0].http_version, handed[0].headers.raw_items()
             )
             await run_upgrade(
                 services.websocket_context(),
                 self.stream,
-                sniffed.conn,
-                inner,
+                self.h11,
+                handed.pop(),
                 upgrade,
                 upstream,
                 authority=authority,
-                path=inner.target,
+                path=path,
                 stats=stats,
                 name=f"c{self.conn_id}",
             )
         except ProxydError as exc:
             if stats.head_sent:
-                self._finish(inner.method, url, started, stats, error_type=exc.error_type)
+                self._finish(method, url, started, stats, error_type=exc.error_type)
                 return
             services.metrics.ws_handshake_failures.labels(failure_reason(exc)).inc()
             text_url = url.decode("ascii", "replace")
-            await self._send_error(exc, inner.method, text_url, started, stats)
+            await self._send_error(exc, method, text_url, started, stats)
             return
         except ClientGone:
             # The line is the inner request's, like a session's; _serve's own for the CONNECT
             # is then a no-op (one line per request, _finish).
             services.metrics.ws_handshake_failures.labels("client_gone").inc()
-            self._finish(inner.method, url, started, stats, error_type="client_gone")
+            self._finish(method, url, started, stats, error_type="client_gone")
             raise
         if stats.status != 101:
             self._linger = True  # a relayed rejection: unread client bytes must not reset it
-        self._finish(inner.method, url, started, stats, route=stats.route)
+        self._finish(method, url, started, stats, route=stats.route)
 
     async def _purge(self, request: h11.Request, started: float, cache: HttpCache) -> bool:
         """PURGE http://host/path: remove every stored variant, for clients in purge_clients."""

@@ -275,6 +275,7 @@ class ProxyServer:
                 if self._netlog_path is not None:  # before anything is accepted
                     await top.start(self.netlog.write_file, self._netlog_path)
                 await top.start(self.pool.run)
+                await top.start(services.idle.run)  # client.timeouts.idle
                 await top.start(self.router.run)  # a bad PAC script fails the start here
                 if self.cache is not None:
                     await top.start(self.cache.run)
@@ -362,25 +363,15 @@ class ProxyServer:
             else:
                 metrics.connections_denied.inc()
                 log.warning("client %s is not in acl.allow_clients", peer)
-            connections.start_soon(
-                self._serve_client, services, stream, peer, allowed, slots, token
-            )
-
-    async def _serve_client(
-        self,
-        services: Services,
-        stream: trio.SocketStream,
-        peer: str,
-        allowed: bool,
-        slots: trio.CapacityLimiter,
-        token: object,
-    ) -> None:
-        try:
-            await ClientConnection(services, stream, peer, allowed).run()
-        except Exception:
-            log.exception("unexpected error on a client connection from %s", peer)
-        finally:
-            slots.release_on_behalf_of(token)
+            # The connection's own ``run`` is the task (it logs unexpected errors and releases
+            # the slot): no wrapper coroutine stays alive under every idle connection.
+            try:
+                conn = ClientConnection(services, stream, peer, allowed, limiter=slots, token=token)
+            except BaseException:
+                slots.release_on_behalf_of(token)
+                await trio.aclose_forcefully(stream)
+                raise
+            connections.start_soon(conn.run)
 
     async def _connect_group(self, key: GroupKey) -> trio.abc.Stream:
         assert self.relay_settings is not None

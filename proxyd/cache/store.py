@@ -58,6 +58,13 @@ Reading a body (``open_body`` -> ``read``... -> ``aclose``)
     later reads the file again (reopening it by path when it was closed at open). So a 1 MiB hit
     is one hop in all, instead of three (open, read, close).
 
+Zero-copy reads (``open_body(read_ahead=False)`` -> ``fileno()``)
+    A caller that sends the body with ``os.sendfile`` (cache/transaction.py, for hits larger
+    than the memory tier) opens it without the read-ahead: the hop only opens the file and checks
+    its size, and ``fileno()`` hands out the descriptor (``size`` the committed length). The
+    bytes then go from the page cache to the socket without passing through Python; the caller
+    runs sendfile itself (in a worker thread, since it may read the disk).
+
 The memory copy of the index (``_rows``)
     A hit should cost far less than a proxied miss, so rows already read are kept in memory per
     key (also "no rows": a known miss). Our own writes (which do not change our data_version)
@@ -713,6 +720,20 @@ class BodyReader:
     def cached(self) -> bytes | None:
         """The whole body when it is held in memory (small, hot entries), else None."""
         return self._data
+
+    def fileno(self) -> int:
+        """The open descriptor of a committed body file, for ``os.sendfile``; -1 when there is
+        none (a body from memory, one read ahead whole and closed, a follower, a closed reader).
+        Valid until ``aclose``; the file never changes once committed (replacing or removing an
+        entry unlinks it, and an open descriptor keeps reading the same bytes)."""
+        return self._fd if self._writer is None else -1
+
+    @property
+    def size(self) -> int | None:
+        """The committed body's size (what ``fileno()`` holds); None for a follower."""
+        if self._data is not None:
+            return len(self._data)
+        return self._size
 
     async def aclose(self) -> None:
         """Release the descriptor; no thread hop (and no checkpoint) for a body file that is
@@ -1435,7 +1456,12 @@ class CacheStore:
         raise OSError(errno.EAGAIN, "could not create a cache temp file")
 
     async def open_body(
-        self, entry: Entry, *, offset: int = 0, length: int | None = None
+        self,
+        entry: Entry,
+        *,
+        offset: int = 0,
+        length: int | None = None,
+        read_ahead: bool = True,
     ) -> BodyReader | None:
         """None when the entry's file is gone (evicted or purged since the lookup).
 
@@ -1443,6 +1469,8 @@ class CacheStore:
         the first piece the caller will ask for: up to READ_CHUNK bytes at ``offset`` (the
         start of a range; ``length`` bounds it), so ``read(offset, ...)`` right after answers
         without another hop. When that was the whole body the file is closed in the same hop.
+        ``read_ahead=False`` (a caller that will ``sendfile(2)`` from ``fileno()``): the hop
+        only opens the file and checks its size; a body of the memory tier is read as always.
         """
         if self._closed:
             return None
@@ -1458,7 +1486,7 @@ class CacheStore:
             start, ahead = 0, size
         else:
             start = min(max(offset, 0), size)
-            ahead = min(READ_CHUNK, size - start)
+            ahead = min(READ_CHUNK, size - start) if read_ahead else 0
             if length is not None:
                 ahead = max(0, min(ahead, length))
         try:

@@ -30,9 +30,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, cast
 
-import h11
 import trio
 
+from proxyd._h11 import h11
 from proxyd.errors import (
     BadRequest,
     BadResponse,
@@ -44,6 +44,7 @@ from proxyd.errors import (
     ResponseTimeout,
     UpstreamProxyAuthFailed,
 )
+from proxyd.http import sockio
 from proxyd.http.messages import Target
 from proxyd.http.rules import RequestFacts, prepare_response
 from proxyd.observe.metrics import Metrics
@@ -54,7 +55,7 @@ from proxyd.upstream.route import DIRECT, Direct, Route, ViaProxy
 
 GroupKey = tuple[bytes, str, int, Route]
 
-RECEIVE_SIZE: Final = 65536
+RECEIVE_SIZE: Final = sockio.RECEIVE_SIZE
 IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 MAX_RESPONSE_HEAD: Final = 65536
 
@@ -395,15 +396,15 @@ async def _forward_without_body(
     if stats.reused:
         settings.metrics.upstream_reuses.inc()
     conn.requests += 1
-    scope = trio.CancelScope(deadline=trio.current_time() + settings.idle_read_timeout)
     try:
-        with scope:
-            await conn.stream.send_all(head)
+        sent = await sockio.send_all(
+            conn.stream, head, trio.current_time() + settings.idle_read_timeout
+        )
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         if stats.retryable:
             raise _StaleConnection from exc
         raise ResponseIncomplete(f"the origin {stats.upstream} closed the connection") from None
-    if scope.cancelled_caught:
+    if not sent:
         raise ReadTimeout(f"sending the request to {stats.upstream} stalled")
     if stats.netlog.active:
         stats.emit("sent", body=False)
@@ -427,12 +428,13 @@ async def _forward_with_body(
         settings.metrics.upstream_reuses.inc()
     conn.requests += 1
     try:
-        with trio.fail_after(settings.idle_read_timeout):
-            await conn.stream.send_all(head)
+        sent = await sockio.send_all(
+            conn.stream, head, trio.current_time() + settings.idle_read_timeout
+        )
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         raise ResponseIncomplete(f"the origin {stats.upstream} closed the connection") from None
-    except trio.TooSlowError:
-        raise ReadTimeout(f"sending the request to {stats.upstream} stalled") from None
+    if not sent:
+        raise ReadTimeout(f"sending the request to {stats.upstream} stalled")
     if stats.netlog.active:
         stats.emit("sent", body=True)
 
@@ -501,12 +503,13 @@ async def _pump_request_body(
         else:  # ConnectionClosed cannot precede the end of a body; treat as gone
             raise ClientGone("the client closed the connection in the middle of the request body")
         try:
-            with trio.fail_after(idle):
-                await conn.stream.send_all(out)
+            sent = await sockio.send_all(conn.stream, out, trio.current_time() + idle)
         except trio.Cancelled:
             conn.broken = True  # h11 counts these bytes as sent; the wire may not have them
             raise
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            sent = False
+        if not sent:
             # The origin stopped reading; its answer (or its absence) decides the rest. h11 may
             # already count the body as sent, so the socket must never go back to the pool.
             conn.broken = True
@@ -519,9 +522,11 @@ async def _pump_request_body(
 
 
 async def _receive_upstream(conn: UpstreamConnection, timeout: float) -> bytes:
-    with trio.CancelScope(deadline=trio.current_time() + timeout):
-        return cast(bytes, await conn.stream.receive_some(RECEIVE_SIZE))
-    raise trio.TooSlowError
+    # More of a body being relayed is usually in the socket already: read first (http.sockio).
+    data = await sockio.receive_within(conn.stream, timeout, wait_first=False)
+    if data is None:
+        raise trio.TooSlowError
+    return data
 
 
 async def _receive_response_head(
@@ -531,7 +536,7 @@ async def _receive_response_head(
     cc = client.h11
     got_any = False
     received = 0
-    deadline = trio.current_time() + settings.response_head_timeout
+    deadline = 0.0  # set at the first wait: the whole head (and any 1xx) within the timeout
     while True:
         try:
             event = uc.next_event()
@@ -547,18 +552,24 @@ async def _receive_response_head(
             if received > MAX_RESPONSE_HEAD:
                 raise ResponseHeadTooLarge(f"the response head from {stats.upstream} is too large")
             try:
-                with trio.CancelScope(deadline=deadline) as scope:
-                    data = cast(bytes, await conn.stream.receive_some(RECEIVE_SIZE))
+                # The request has just gone up: the answer cannot be here yet (http.sockio).
+                if not deadline:
+                    timeout = settings.response_head_timeout
+                    deadline = trio.current_time() + timeout
+                    maybe_data = await sockio.receive_within(conn.stream, timeout, wait_first=True)
+                else:  # the rest of a head that came in pieces: what is left of the deadline
+                    maybe_data = await sockio.receive_some(conn.stream, deadline, wait_first=True)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 if not got_any and stats.retryable:
                     raise _StaleConnection from exc
                 raise ResponseIncomplete(
                     f"the connection to {stats.upstream} broke before a complete response"
                 ) from None
-            if scope.cancelled_caught:
+            if maybe_data is None:
                 raise ResponseTimeout(
                     f"no response from {stats.upstream} within {settings.response_head_timeout:g}s"
                 )
+            data = maybe_data
             if data:
                 got_any = True
                 received += len(data)

@@ -128,6 +128,9 @@ class Router:
         self._last_error: str | None = None
         self._last_logged: dict[str, float] = {}
         self._decision_counters: dict[tuple[str, str], Counter] = {}
+        # The counter of the last decision, by the identity of its route list (a static list
+        # lives as long as its StaticRouter): most requests repeat it, and skip the key.
+        self._last_counted: tuple[RouteList, str, Counter] | None = None
         # Reload support: the nursery of run(), the refresh loop's scope, and evaluators that
         # were replaced while evaluations still ran on them (closed when the last one ends).
         self._nursery: trio.Nursery | None = None
@@ -333,9 +336,16 @@ class Router:
         """The route list for one request, best first (see the module docstring)."""
         now = trio.current_time()
         source: DecisionSource
+        static = self.static
         if self.mode == "static":
-            routes, source = self.static.decide(scheme, host, port), "static"
-        elif self.static.is_bypassed(host, port):
+            # No bypass list and no rules (the default): the default list, without parsing the
+            # host (RequestHost.parse tries it as an IP literal, a cost on every request).
+            if not static.rules and not static.bypass:
+                routes = static.default
+            else:
+                routes = static.decide(scheme, host, port)
+            source = "static"
+        elif static.is_bypassed(host, port):
             routes, source = ALL_DIRECT, "static"
         else:
             routes, source = await self._decide_pac(scheme, host, port, url, now)
@@ -431,11 +441,16 @@ class Router:
     def _count_decision(self, routes: RouteList, source: str) -> None:
         if self._metrics is None:
             return
+        last = self._last_counted
+        if last is not None and last[0] is routes and last[1] == source:
+            last[2].inc()
+            return
         key = (route_kind(routes[0]) if routes else "direct", source)
         counter = self._decision_counters.get(key)
         if counter is None:
             counter = self._metrics.routing_decisions.labels(*key)
             self._decision_counters[key] = counter
+        self._last_counted = (routes, source, counter)
         counter.inc()
 
     def _count_evaluation(self, outcome: str) -> None:

@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import select
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
-import h11
 import trio
 
+from proxyd._h11 import h11
 from proxyd.config import PoolConfig
 from proxyd.errors import ConnectionLimitReached, DestinationUnavailable, ProxydError
 from proxyd.observe.metrics import Metrics
@@ -46,6 +47,7 @@ class UpstreamConnection:
     """One socket to an origin (or a proxy) and the h11 client-role state that speaks over it."""
 
     __slots__ = (
+        "_raw",
         "broken",
         "created_at",
         "h11",
@@ -69,8 +71,12 @@ class UpstreamConnection:
         self.broken = False
         #: The socket waited in the idle list (so it must be checked before use).
         self.was_idle = False
+        self._raw: trio.socket.SocketType | None = None
 
     def _socket(self) -> trio.socket.SocketType:
+        raw = self._raw
+        if raw is not None:
+            return raw
         stream: object = self.stream
         while not isinstance(stream, trio.SocketStream):
             inner = getattr(stream, "transport_stream", None) or getattr(stream, "inner", None)
@@ -78,6 +84,7 @@ class UpstreamConnection:
                 break
             stream = inner
         assert isinstance(stream, trio.SocketStream)
+        self._raw = stream.socket  # found once: is_readable runs on every reuse
         return stream.socket
 
     def is_readable(self) -> bool:
@@ -97,15 +104,78 @@ class UpstreamConnection:
             self._socket().close()
 
 
-@dataclass(slots=True)
 class _Waiter:
-    event: trio.Event
-    conn: UpstreamConnection | None = None
-    error: BaseException | None = None
+    """A request waiting for a socket. It parks its task directly (trio.lowlevel) rather than on
+    a ``trio.Event``: with more clients than ``per_group`` sockets most requests wait here, and an
+    Event with its parking lot costs several microseconds more per request."""
+
+    __slots__ = ("conn", "deadline", "error", "task")
+
+    def __init__(self) -> None:
+        self.conn: UpstreamConnection | None = None
+        self.error: BaseException | None = None
+        self.task: trio.lowlevel.Task | None = None  # set while parked
+        #: trio time at which ``Pool.run`` wakes it if it still waits (``pool.timeout``)
+        self.deadline = math.inf
 
     @property
     def done(self) -> bool:
         return self.conn is not None or self.error is not None
+
+    async def wait(self) -> None:
+        """Park until ``wake`` (or a cancellation: the caller's scope bounds the wait)."""
+        self.task = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort)
+
+    def _abort(self, raise_cancel: object) -> trio.lowlevel.Abort:
+        self.task = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def wake(self) -> None:
+        task, self.task = self.task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+
+class TunnelSlot:
+    """One tunnel's slot of its host's ``pool.tunnels_per_host`` limiter, held for the tunnel's
+    life. A slotted object rather than a generator-based context manager: it lives as long as
+    the tunnel or WebSocket session (idle ones for hours), and the generator, its frame and
+    trio's async-generator bookkeeping cost ~0.5 KiB each. The slot is its own borrower token.
+    A host's limiter exists only while some slot of it is held or awaited."""
+
+    __slots__ = ("_host", "_limiter", "_pool")
+
+    def __init__(self, pool: Pool, host: str) -> None:
+        self._pool = pool
+        self._host = host
+        self._limiter: trio.CapacityLimiter | None = None
+
+    async def __aenter__(self) -> None:
+        pool = self._pool
+        tunnels = pool._tunnels
+        limiter = tunnels.get(self._host)
+        if limiter is None:
+            limiter = tunnels[self._host] = trio.CapacityLimiter(pool.config.tunnels_per_host)
+        with trio.move_on_after(pool.config.timeout) as scope:
+            await limiter.acquire_on_behalf_of(self)
+        if scope.cancelled_caught:  # every slot is held: the limiter stays for its holders
+            raise ConnectionLimitReached(
+                f"{pool.config.tunnels_per_host} tunnels to {self._host} are open already"
+            )
+        self._limiter = limiter
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        limiter, self._limiter = self._limiter, None
+        if limiter is not None:
+            limiter.release_on_behalf_of(self)
+            self._forget_if_unused(limiter)
+
+    def _forget_if_unused(self, limiter: trio.CapacityLimiter) -> None:
+        if limiter.borrowed_tokens == 0 and not limiter.statistics().tasks_waiting:
+            tunnels = self._pool._tunnels
+            if tunnels.get(self._host) is limiter:
+                del tunnels[self._host]
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,21 +238,50 @@ class Pool:
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
         self._tunnels: dict[str, trio.CapacityLimiter] = {}
+        # The reaper in ``run`` also ends waits past ``pool.timeout`` (cheaper than a cancel
+        # scope per wait); it sleeps until ``_reaper_until`` unless unparked for an earlier one.
+        self._reaper = trio.lowlevel.ParkingLot()
+        self._reaper_until = math.inf
 
     # --- lifecycle -------------------------------------------------------------------------
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Own the connect tasks and the idle reaper; runs until cancelled."""
+        """Own the connect tasks and the reaper: idle sockets expire every second, and a
+        request still waiting for a socket after ``pool.timeout`` is woken (it raises
+        ConnectionLimitReached). Runs until cancelled."""
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 task_status.started()
+                tick = trio.current_time() + 1.0
                 while True:
-                    await trio.sleep(1.0)
-                    self._apply(self.state.expire(self._clock()))
+                    now = trio.current_time()
+                    if now >= tick:
+                        self._apply(self.state.expire(self._clock()))
+                        tick = now + 1.0
+                    until = self._reaper_until = min(tick, self._expire_waiters(now))
+                    with trio.move_on_at(until):
+                        await self._reaper.park()
         finally:
             self._nursery = None
+            self._reaper_until = math.inf
+            for waiter in self._waiters.values():  # nothing would end their waits any more
+                if waiter.task is not None and waiter.error is None and waiter.conn is None:
+                    waiter.error = DestinationUnavailable("the upstream pool is not running")
+                    waiter.wake()
             self.close_all()
+
+    def _expire_waiters(self, now: float) -> float:
+        """Wake the waits past their deadline; the earliest deadline still ahead."""
+        until = math.inf
+        for waiter in self._waiters.values():
+            if waiter.task is None:
+                continue  # not parked (granted, or woken and about to leave)
+            if waiter.deadline <= now:
+                waiter.wake()  # still not done: it raises ConnectionLimitReached
+            elif waiter.deadline < until:
+                until = waiter.deadline
+        return until
 
     def reconfigure(self, config: PoolConfig) -> None:
         """New limits and timeouts for acquisitions from now on (a config reload)."""
@@ -225,7 +324,7 @@ class Pool:
         self, key: GroupKey, proxy: str | None, fresh: bool
     ) -> UpstreamConnection:
         waiter_id = next(self._ids)
-        waiter = _Waiter(trio.Event())
+        waiter = _Waiter()
         self._waiters[waiter_id] = waiter
         try:
             plan = self.state.request(key, proxy, waiter_id, self._clock(), fresh=fresh)
@@ -236,8 +335,17 @@ class Pool:
                 started = self._clock()
                 if limited and metrics is not None:
                     metrics.pool_waits.inc()
-                with trio.move_on_after(self.config.timeout):
-                    await waiter.event.wait()
+                deadline = trio.current_time() + self.config.timeout
+                if self._nursery is not None:
+                    # The reaper (run) wakes it at the deadline; wake the reaper first if it
+                    # sleeps past that (a first waiter, or a timeout shorter than its tick).
+                    waiter.deadline = deadline
+                    if deadline < self._reaper_until:
+                        self._reaper.unpark_all()
+                    await waiter.wait()
+                else:  # a pool that is not running (some tests): a scope bounds the wait
+                    with trio.CancelScope(deadline=deadline):
+                        await waiter.wait()
                 if limited and metrics is not None:
                     metrics.pool_wait_duration.observe(self._clock() - started)
                 if not waiter.done:
@@ -311,12 +419,12 @@ class Pool:
                 self.release(conn, reusable=True)
                 continue
             waiter.conn = conn
-            waiter.event.set()
+            waiter.wake()
         for waiter_id, error in plan.failures:
             waiter = self._waiters.get(waiter_id)
             if waiter is not None:
                 waiter.error = error if isinstance(error, BaseException) else RuntimeError(error)
-                waiter.event.set()
+                waiter.wake()
         for socket_id, reason in zip(plan.close, plan.close_reasons, strict=True):
             closing = self._conns.pop(socket_id, None)
             if closing is not None:
@@ -363,25 +471,10 @@ class Pool:
 
     # --- tunnels ---------------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def tunnel_slot(self, host: str) -> AsyncIterator[None]:
-        """Bound CONNECT tunnels / WebSocket sessions per host (not pooled, separate limit)."""
-        limiter = self._tunnels.get(host)
-        if limiter is None:
-            limiter = self._tunnels[host] = trio.CapacityLimiter(self.config.tunnels_per_host)
-        token = object()
-        with trio.move_on_after(self.config.timeout) as scope:
-            await limiter.acquire_on_behalf_of(token)
-        if scope.cancelled_caught:
-            raise ConnectionLimitReached(
-                f"{self.config.tunnels_per_host} tunnels to {host} are open already"
-            )
-        try:
-            yield
-        finally:
-            limiter.release_on_behalf_of(token)
-            if limiter.borrowed_tokens == 0 and not limiter.statistics().tasks_waiting:
-                self._tunnels.pop(host, None)
+    def tunnel_slot(self, host: str) -> TunnelSlot:
+        """Bound CONNECT tunnels / WebSocket sessions per host (not pooled, separate limit):
+        ``async with pool.tunnel_slot(host):`` (ConnectionLimitReached after ``pool.timeout``)."""
+        return TunnelSlot(self, host)
 
     # --- views -----------------------------------------------------------------------------
 

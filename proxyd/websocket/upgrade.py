@@ -36,9 +36,9 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-import h11
 import trio
 
+from proxyd._h11 import h11
 from proxyd.errors import (
     BadRequest,
     BadResponse,
@@ -210,8 +210,9 @@ async def run_upgrade(
         name=name,
         target=(authority + path).decode("ascii", "replace"),
     )
-    # The handshake's objects are not needed while the session runs (memory per idle session).
-    del oc, head, headers, facts, answer, accepted, response, client_hop
+    # The handshake's objects are not needed while the session runs (memory per idle session;
+    # the client's request too: the caller hands it over without keeping a reference).
+    del oc, head, headers, facts, answer, accepted, response, client_hop, request, upgrade, scope
     context.sessions.add(session)
     if context.is_draining():
         session.drain()

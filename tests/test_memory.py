@@ -1,0 +1,204 @@
+"""What an idle client connection or WebSocket session keeps alive, and the idle sweeper.
+
+Idle keep-alive connections and idle WebSocket sessions are what the daemon holds most of, so
+their size is the daemon's memory (``bench/memory_bench.py`` measures the RSS: a few KiB per
+connection, under 20 KiB per session). These tests pin the structure that keeps them small, and
+do it deterministically, without measuring: while a connection waits, they walk its task's
+coroutine stack (every coroutine's locals, cells and value stack, through ``gc.get_referents``)
+and assert what is *not* referenced from it: the last request's parsed head, a cancel scope per
+wait, an exception kept alive by a handler that awaits, the CONNECT's h11 connection once a
+tunnelled WebSocket replaced it, a generator-based context manager for the tunnel slot, a
+per-hop lock or event that nothing has used yet.
+
+``IdleConnections`` (client.py), the sweeper that ends connections idle past
+``client.timeouts.idle`` instead of a cancel scope per wait, is tested on its own (order,
+deadlines, drain, a reload's new timeout) and end to end (a reload shortens the timeout of a
+connection already waiting).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import h11
+import trio
+
+from proxyd.client import ClientConnection, IdleConnections
+from tests.conftest import RunningProxy, eventually
+from tests.origin import Origin
+from tests.test_reload import StartFromFile, config_text, start_from_file
+from tests.websocket.clients import read_head
+
+__all__ = ["all_tasks", "of_type", "stack_objects", "start_from_file", "tasks_running"]
+
+# --- walking a task's stack ---------------------------------------------------------------------
+
+
+def all_tasks() -> Iterator[trio.lowlevel.Task]:
+    def walk(task: trio.lowlevel.Task) -> Iterator[trio.lowlevel.Task]:
+        yield task
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                yield from walk(child)
+
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    yield from walk(root)
+
+
+def tasks_running(function: Any) -> list[trio.lowlevel.Task]:
+    """Tasks whose coroutine is ``function`` (a bound method's underlying function)."""
+    code = function.__code__
+    return [task for task in all_tasks() if getattr(task.coro, "cr_code", None) is code]
+
+
+def stack_objects(task: trio.lowlevel.Task) -> list[object]:
+    """Everything the coroutines of ``task``'s await chain reference right now: locals,
+    arguments, closure cells' contents, and what their value stacks hold (a handled exception
+    while awaiting inside ``except`` is there)."""
+    found: list[object] = []
+    obj: Any = task.coro
+    while obj is not None:
+        for ref in gc.get_referents(obj):
+            if isinstance(ref, types.CellType):
+                with contextlib.suppress(ValueError):  # an empty cell
+                    found.append(ref.cell_contents)
+            else:
+                found.append(ref)
+                if isinstance(ref, types.MethodType):  # ``async with x`` keeps x.__aexit__
+                    found.append(ref.__self__)
+        obj = getattr(obj, "cr_await", None) or getattr(obj, "gi_yieldfrom", None)
+    return found
+
+
+def of_type(objects: list[object], kind: type | tuple[type, ...]) -> list[object]:
+    """The distinct objects of ``kind`` among ``objects``."""
+    return list({id(o): o for o in objects if isinstance(o, kind)}.values())
+
+
+# --- idle keep-alive connections ----------------------------------------------------------------
+
+
+async def keepalive_request(port: int, origin: Origin) -> trio.SocketStream:
+    """A client connection that made one request, read the whole answer, and stays open."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    authority = f"127.0.0.1:{origin.port}".encode()
+    await stream.send_all(b"GET http://%s/ HTTP/1.1\r\nHost: %s\r\n\r\n" % (authority, authority))
+    head, body = await read_head(stream)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += await stream.receive_some(65536)
+    return stream
+
+
+async def test_an_idle_connection_keeps_no_request_scope_or_exception(
+    proxy: RunningProxy, origin: Origin
+) -> None:
+    """While waiting for its next request, a connection's stack references no parsed request
+    (the last one's head), no cancel scope (the idle timeout is IdleConnections' job), no
+    exception, and one h11 connection at most."""
+    services = proxy.server.services
+    assert services is not None
+    with trio.fail_after(5):
+        clients = [await keepalive_request(proxy.port, origin) for _ in range(3)]
+        await eventually(lambda: len(services.idle) == 3)
+    tasks = tasks_running(ClientConnection.run)
+    assert len(tasks) == 3
+    for task in tasks:
+        objects = stack_objects(task)
+        assert not of_type(objects, h11.Request)
+        assert not of_type(objects, trio.CancelScope)
+        assert not of_type(objects, BaseException)
+        assert len(of_type(objects, h11.Connection)) <= 1
+    for stream in clients:
+        await stream.aclose()
+
+
+async def test_a_reload_shortens_the_timeout_of_a_waiting_connection(
+    start_from_file: StartFromFile, origin: Origin
+) -> None:
+    """client.timeouts.idle from a reload applies to connections already waiting (counted from
+    when they started to wait): the sweeper is woken with the new timeout."""
+    proxy = await start_from_file(config_text("client: {timeouts: {idle: 300}}\n"))
+    with trio.fail_after(10):
+        stream = await keepalive_request(proxy.port, origin)
+        proxy.write(config_text("client: {timeouts: {idle: 0.2}}\n"))
+        assert (await proxy.reload()).status_code == 200
+        assert await stream.receive_some(10) == b""  # closed by the sweeper, not in 300 s
+    await stream.aclose()
+
+
+# --- IdleConnections on its own -----------------------------------------------------------------
+
+
+class FakeConnection:
+    def __init__(self, name: str, woken: list[str]) -> None:
+        self.name = name
+        self.woken = woken
+
+    def wake_to_close(self) -> None:
+        self.woken.append(self.name)
+
+
+def idle_with(*names: str, since: float = 0.0) -> tuple[IdleConnections, list[Any], list[str]]:
+    woken: list[str] = []
+    idle = IdleConnections(10.0)
+    conns: list[Any] = [FakeConnection(name, woken) for name in names]
+    for offset, conn in enumerate(conns):
+        idle.add(conn, since + offset)
+    return idle, conns, woken
+
+
+def test_idle_connections_expire_oldest_first_and_report_the_next_deadline() -> None:
+    idle, _, woken = idle_with("a", "b", "c")  # waiting since 0, 1, 2; timeout 10
+    assert idle.expire(9.5) == 10.0 and woken == []
+    assert idle.expire(11.0) == 12.0 and woken == ["a", "b"]
+    assert idle.expire(12.0) == float("inf") and woken == ["a", "b", "c"]
+    assert len(idle) == 0
+
+
+def test_a_connection_that_got_its_request_leaves_the_set() -> None:
+    idle, conns, woken = idle_with("a", "b")
+    idle.discard(conns[0])
+    assert idle.expire(10.5) == 11.0 and woken == []  # "a" is busy, "b" has a second left
+    idle.discard(conns[0])  # twice is fine
+
+
+def test_drain_closes_only_waiting_connections() -> None:
+    idle, conns, woken = idle_with("a")
+    idle.close(conns[0])
+    idle.close(conns[0])  # no longer waiting: nothing more
+    busy = FakeConnection("busy", woken)
+    idle.close(busy)  # type: ignore[arg-type]
+    assert woken == ["a"] and len(idle) == 0
+
+
+def test_a_new_timeout_applies_to_connections_already_waiting() -> None:
+    idle, _, woken = idle_with("a", "b")
+    idle.set_timeout(0.5)
+    assert idle.expire(1.0) == 1.5 and woken == ["a"]
+
+
+async def test_the_sweeper_wakes_for_a_connection_added_to_an_empty_set() -> None:
+    """``run`` sleeps without a deadline while nothing waits; adding one wakes it, and the
+    connection is woken at its deadline."""
+    idle = IdleConnections(0.05)
+    woken: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(idle.run)
+        await trio.sleep(0.05)
+        idle.add(FakeConnection("a", woken), trio.current_time())  # type: ignore[arg-type]
+        with trio.fail_after(5):
+            while not woken:  # noqa: ASYNC110 (polling what the sweeper did)
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert woken == ["a"]
