@@ -3,8 +3,9 @@
 How it works: ``ClientConnection.run`` loops over requests on one keep-alive connection.
 
 - Reading a head: the first byte may take up to ``client.timeouts.idle`` (a keep-alive connection
-  waiting for its next request); once a byte arrived, the whole head must arrive within
-  ``client.timeouts.head`` (slowloris). Raw bytes of the head are vetted by
+  waiting for its next request: it is listed in ``IdleConnections``, whose one task ends those
+  idle too long, so the wait itself carries no timer); once a byte arrived, the whole head must
+  arrive within ``client.timeouts.head`` (slowloris). Raw bytes of the head are vetted by
   ``http.messages.check_head_bytes`` (bare LF, obs-fold, size) before h11 parses them.
 - Dispatch: access checks (ACL verdict from accept time, proxy auth), then CONNECT goes to
   ``_serve_connect`` (http.tunnel), everything else through ``http.rules`` to
@@ -13,8 +14,12 @@ How it works: ``ClientConnection.run`` loops over requests on one keep-alive con
   increment, for the final response only.
 - A ``ProxydError`` raised before the final response head reached the client becomes a short
   response with a ``Proxy-Status`` field (RFC 9209); after that the connection is closed instead.
-- Draining (SIGTERM): a connection idle between requests is cancelled at once; one in the middle of
+- Draining (SIGTERM): a connection idle between requests is ended at once; one in the middle of
   a request finishes it, answers with ``Connection: close`` and ends.
+- Memory: idle connections are what a proxy holds most of, so one keeps only what the next
+  request needs (bench/memory_bench.py measures it, tests/test_memory.py pins it): the task is
+  ``run`` itself (no wrapper coroutine), the last request and the frames of its exchange are
+  gone, and the wait is trio's bare ``wait_readable`` with no cancel scope.
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -143,12 +147,14 @@ class IdleConnections:
     (the scope, its CancelStatus with two sets, an entry in trio's deadline heap) plus an
     enter/exit per request. Here a waiting connection is one dict entry: a dict keeps insertion
     order, and connections are added when they start to wait, so the oldest is first and its
-    deadline (``since + timeout``) is the earliest. ``run`` sleeps until that deadline (or until
-    something is added to an empty set, or the timeout changes) and ends every connection whose
-    time is up by waking its wait with ``trio.lowlevel.notify_closing``: the wait raises
-    ``ClosedResourceError`` and the connection closes its socket itself. Draining ends idle
-    connections the same way (``close``). A connection that leaves the set by itself (its next
-    request arrived) costs the sweeper nothing until its old deadline, when it finds a later one.
+    deadline (``since + timeout``) is the earliest. ``run`` sleeps until that deadline, or for one
+    timeout when the set is empty (whatever is added meanwhile expires no earlier), so adding and
+    removing never wake it: a request costs a dict insert and a delete. At its deadline it ends
+    every connection whose time is up by waking its wait with ``trio.lowlevel.notify_closing``:
+    the wait raises ``ClosedResourceError`` and the connection closes its socket itself. Draining
+    ends idle connections the same way (``close``); a reload's new timeout wakes the sweeper. A
+    connection that leaves the set by itself (its next request arrived) costs the sweeper nothing
+    until its old deadline, when it finds a later one.
     """
 
     __slots__ = ("_since", "_wakeup", "timeout")
@@ -162,10 +168,7 @@ class IdleConnections:
         return len(self._since)
 
     def add(self, conn: ClientConnection, now: float) -> None:
-        since = self._since
-        if not since:
-            self._wakeup.unpark_all()  # the sweeper sleeps without a deadline while empty
-        since[conn] = now
+        self._since[conn] = now
 
     def discard(self, conn: ClientConnection) -> None:
         self._since.pop(conn, None)
@@ -182,7 +185,7 @@ class IdleConnections:
         self._wakeup.unpark_all()
 
     def expire(self, now: float) -> float:
-        """Close every connection idle past the timeout; the next deadline (inf when empty)."""
+        """Close every connection idle past the timeout; when to look again."""
         since = self._since
         timeout = self.timeout
         while since:
@@ -192,7 +195,7 @@ class IdleConnections:
                 return deadline
             del since[conn]
             conn.wake_to_close()
-        return math.inf
+        return now + timeout
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -336,7 +339,7 @@ class ClientConnection:
 
     async def send(self, data: bytes, timeout: float) -> None:
         try:
-            done = await sockio.send_all(self.stream, data, trio.current_time() + timeout)
+            done = await sockio.send_all(self.stream, data, timeout)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ClientGone("the client went away") from exc
         if not done:
@@ -458,16 +461,24 @@ class ClientConnection:
         cc = self.h11
         config = self.services.config.client
         max_head = config.max_head_size
-        pending = cc.trailing_data[0]
-        scan: bytes | bytearray = bytes(pending)
+        pending, closed = cc.trailing_data
+        scan: bytes | bytearray = pending
         head_checked = False
+        # Part of a head (pipelined bytes, or a first read that did not complete it) starts the
+        # head timeout; the clock is read then, not for the common request that comes whole.
+        started_head = bool(scan)
+        head_deadline: float | None = None
         if scan:
             head_checked = check_head_bytes(scan, max_head) != HEAD_INCOMPLETE
-        head_deadline = trio.current_time() + config.timeouts.head if scan else None
         waited = False
+        # Nothing buffered: h11 can only say NEED_DATA, so go straight to the wait.
+        first: object = h11.NEED_DATA if not scan and not closed else None
         while True:
             try:
-                event = cc.next_event()
+                if first is not None:
+                    event, first = first, None
+                else:
+                    event = cc.next_event()
             except h11.RemoteProtocolError as exc:
                 if exc.error_status_hint == 431:
                     raise HeadTooLarge(
@@ -479,7 +490,7 @@ class ClientConnection:
                     ) from None
                 raise BadRequest(f"malformed request: {exc}") from None
             if event is h11.NEED_DATA:
-                if head_deadline is None:
+                if not started_head:
                     if self.services.draining:
                         return None
                     # We just answered the previous request, so the next one cannot be here
@@ -493,8 +504,10 @@ class ClientConnection:
                         return None  # keep-alive idle timeout, or draining
                     finally:
                         idle.discard(self)
-                    head_deadline = trio.current_time() + config.timeouts.head
+                    started_head = True
                 else:
+                    if head_deadline is None:
+                        head_deadline = trio.current_time() + config.timeouts.head
                     maybe_data = await sockio.receive_some(
                         self.stream, head_deadline, wait_first=True
                     )
@@ -758,10 +771,21 @@ class ClientConnection:
         """Route the request and relay it (http.relay.forward), failing over like
         ``_with_failover``; written out rather than through it, so the per-request path creates
         no closure and has one coroutine frame less under every await."""
-        routes = await self._decide(
-            target.scheme.decode("ascii"), target.host, target.port, request.target.decode("ascii")
+        services = self.services
+        # Static routing needs no await (and no URL text); PAC and the NetLog take _decide.
+        routes = (
+            None
+            if services.netlog.active
+            else services.router.decide_static(target.host, target.port)
         )
-        relay = self.services.relay
+        if routes is None:
+            routes = await self._decide(
+                target.scheme.decode("ascii"),
+                target.host,
+                target.port,
+                request.target.decode("ascii"),
+            )
+        relay = services.relay
         for index, route in enumerate(routes):
             stats.route = route.label
             stats.route_kind = route_kind(route)

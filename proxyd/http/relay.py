@@ -16,6 +16,12 @@ How it works (``forward``):
    Backpressure is natural: we do not read from the origin until the client took the last write.
 5. Hand the socket back to the pool when both directions ended cleanly; otherwise close it.
 
+Cost per request (a 1 KiB GET relayed on warm keep-alive sockets is the case to keep cheap): the
+socket I/O goes through ``http.sockio`` (a write the kernel takes at once does not yield; the
+response head is waited for, then read; timeouts need no cancel scope per wait), h11 is told
+nothing it would answer with NEED_DATA anyway, request fields are copied only when fields are
+added, and the head, body and end of a small response leave in one write.
+
 Failure rules: before the client has seen a byte of the final response, a failure becomes a
 ``ProxydError`` (an error response with Proxy-Status). After that, the client connection is cut
 (``ResponseAborted``) so a truncated body can never look complete. A reused socket that fails
@@ -255,7 +261,9 @@ async def forward(
     pool = settings.pool
     key: GroupKey = (target.scheme, target.host, target.port, route)
     stats.upstream = f"{target.host}:{target.port}"
-    headers = list(facts.headers if headers is None else headers)
+    # Copied only when fields are added: the prepared list may be forwarded again (failover,
+    # the cache's retry), and h11 builds its own list from it anyway.
+    headers = facts.headers if headers is None else headers
     proxy = route.proxy if isinstance(route, ViaProxy) else None
     absolute = proxy is not None and proxy.kind in ("http", "https") and target.scheme == b"http"
     if proxy is not None:
@@ -263,11 +271,11 @@ async def forward(
         if absolute:
             credentials = proxy_authorization(proxy)
             if credentials is not None:  # for that proxy only (RFC 9110 §11.7.2)
-                headers.append((b"Proxy-Authorization", credentials))
+                headers = [*headers, (b"Proxy-Authorization", credentials)]
     if facts.has_transfer_encoding:
         # Framing is per hop (RFC 9112 §6.1): the client's chunked body is re-chunked by h11 on
         # the upstream hop, which must say so (h11 never adds request framing by itself).
-        headers.append((b"Transfer-Encoding", b"chunked"))
+        headers = [*headers, (b"Transfer-Encoding", b"chunked")]
     # _parsed=True: every field came out of h11's parser (already validated) or is ours; skipping
     # h11's per-field regexes is the single largest saving on the per-request path.
     path = target.path
@@ -397,9 +405,7 @@ async def _forward_without_body(
         settings.metrics.upstream_reuses.inc()
     conn.requests += 1
     try:
-        sent = await sockio.send_all(
-            conn.stream, head, trio.current_time() + settings.idle_read_timeout
-        )
+        sent = await sockio.send_all(conn.stream, head, settings.idle_read_timeout)
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         if stats.retryable:
             raise _StaleConnection from exc
@@ -428,9 +434,7 @@ async def _forward_with_body(
         settings.metrics.upstream_reuses.inc()
     conn.requests += 1
     try:
-        sent = await sockio.send_all(
-            conn.stream, head, trio.current_time() + settings.idle_read_timeout
-        )
+        sent = await sockio.send_all(conn.stream, head, settings.idle_read_timeout)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         raise ResponseIncomplete(f"the origin {stats.upstream} closed the connection") from None
     if not sent:
@@ -503,7 +507,7 @@ async def _pump_request_body(
         else:  # ConnectionClosed cannot precede the end of a body; treat as gone
             raise ClientGone("the client closed the connection in the middle of the request body")
         try:
-            sent = await sockio.send_all(conn.stream, out, trio.current_time() + idle)
+            sent = await sockio.send_all(conn.stream, out, idle)
         except trio.Cancelled:
             conn.broken = True  # h11 counts these bytes as sent; the wire may not have them
             raise
@@ -537,9 +541,16 @@ async def _receive_response_head(
     got_any = False
     received = 0
     deadline = 0.0  # set at the first wait: the whole head (and any 1xx) within the timeout
+    # Nothing buffered (the usual case: the request has just gone up): h11 could only say
+    # NEED_DATA, so go straight to the wait. Bytes the origin sent early are parsed first.
+    pending, closed = uc.trailing_data
+    first: object = _NEED_DATA if not pending and not closed else None
     while True:
         try:
-            event = uc.next_event()
+            if first is not None:
+                event, first = first, None
+            else:
+                event = uc.next_event()
         except h11.RemoteProtocolError as exc:
             if not got_any and stats.retryable:
                 raise _StaleConnection from exc
@@ -650,11 +661,6 @@ async def _relay_response(
             )
         )
     ]
-    # Trailers reach the client only over chunked framing, which h11 picks for an HTTP/1.1 client
-    # when the response carries no Content-Length (RFC 9112 §7.1.2).
-    client_chunked = cc.their_http_version == b"1.1" and not any(
-        name.lower() == b"content-length" for name, _ in headers
-    )
     idle = settings.idle_read_timeout
     client_gone: ClientGone | None = None
     while True:
@@ -670,7 +676,8 @@ async def _relay_response(
             if out:
                 if client_gone is None:
                     try:
-                        await _send_client(client, out, idle, stats)
+                        await client.send(out[0] if len(out) == 1 else b"".join(out), idle)
+                        stats.head_sent = True
                     except ClientGone as exc:
                         # Followers of a collapsed fetch still want this body: keep reading.
                         if sink is None or not sink.wants_body_without_client():
@@ -699,13 +706,14 @@ async def _relay_response(
         elif kind is _EndOfMessage:
             assert isinstance(event, h11.EndOfMessage)
             trailers = event.headers
-            if trailers and client_chunked and accepts_trailers:
+            if trailers and accepts_trailers and _client_chunked(cc, headers):
                 out.append(cc.send(h11.EndOfMessage(headers=list(trailers.raw_items()))))
             else:
                 out.append(cc.send(_END))
             if client_gone is None:
                 try:
-                    await _send_client(client, out, idle, stats)
+                    await client.send(out[0] if len(out) == 1 else b"".join(out), idle)
+                    stats.head_sent = True
                 except ClientGone as exc:
                     client_gone = exc  # the body is complete: still finish the sink
             if sink is not None:
@@ -719,10 +727,9 @@ async def _relay_response(
             )
 
 
-async def _send_client(
-    client: ClientSide, out: list[bytes], timeout: float, stats: ExchangeStats
-) -> None:
-    data = out[0] if len(out) == 1 else b"".join(out)
-    out.clear()
-    await client.send(data, timeout)
-    stats.head_sent = True
+def _client_chunked(cc: h11.Connection, headers: list[tuple[bytes, bytes]]) -> bool:
+    """Trailers reach the client only over chunked framing, which h11 picks for an HTTP/1.1
+    client when the response carries no Content-Length (RFC 9112 §7.1.2)."""
+    return cc.their_http_version == b"1.1" and not any(
+        name.lower() == b"content-length" for name, _ in headers
+    )

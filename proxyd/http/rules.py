@@ -149,25 +149,32 @@ def prepare_request(
 
 
 def prepare_response(raw_headers: Iterable[Header], *, via: bytes | None) -> list[Header]:
-    """Filter the origin's fields for the client hop (see the module docstring)."""
-    items = list(raw_headers)
-    named: set[bytes] = set()
-    has_te = False
-    lowered: list[bytes] = []
-    for name, value in items:
-        lower = name.lower()
-        lowered.append(lower)
-        if lower == b"connection":
-            named.update(t for t in _connection_tokens(value) if t not in _FRAMING)
-        elif lower == b"transfer-encoding":
-            has_te = True
+    """Filter the origin's fields for the client hop (see the module docstring).
+
+    One pass for the common response (a Connection field naming only ``keep-alive``/``close``,
+    no Transfer-Encoding); a second one only when fields must go that the pass already kept: a
+    field a Connection option names may come before that Connection field."""
     out: list[Header] = []
-    for (name, value), lower in zip(items, lowered, strict=True):
-        if lower in _RESPONSE_HOP_BY_HOP or lower in named:
+    named: set[bytes] | None = None
+    has_te = False
+    for item in raw_headers:
+        lower = item[0].lower()
+        if lower in _RESPONSE_HOP_BY_HOP:
+            if lower == b"connection":
+                for token in _connection_tokens(item[1]):
+                    if token not in _FRAMING:
+                        if named is None:
+                            named = set()
+                        named.add(token)
+            elif lower == b"transfer-encoding":
+                has_te = True
             continue
-        if has_te and lower == b"content-length":
-            continue
-        out.append((name, value))
+        out.append(item)
+    if named is not None or has_te:
+        drop = named or set()
+        if has_te:
+            drop = drop | {b"content-length"}  # RFC 9112 §6.3: Transfer-Encoding wins
+        out = [item for item in out if item[0].lower() not in drop]
     if via is not None:
         out.append((b"Via", via))
     return out

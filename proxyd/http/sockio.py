@@ -156,12 +156,13 @@ def _fd(stream: trio.SocketStream) -> int:
     return fd
 
 
-async def send_all(stream: trio.abc.Stream, data: bytes, deadline: float) -> bool:
-    """Write all of ``data``; False when ``deadline`` (trio's clock) passed first (the stream is
-    then in an unknown state: close it). Yields only when the kernel cannot take it all at once.
+async def send_all(stream: trio.abc.Stream, data: bytes, timeout: float) -> bool:
+    """Write all of ``data``; False when ``timeout`` (seconds from now) passed first (the stream
+    is then in an unknown state: close it). Yields only when the kernel cannot take it all at
+    once; only then is the clock read and a cancel scope entered.
     Raises ``trio.BrokenResourceError`` / ``trio.ClosedResourceError`` as trio does."""
     if type(stream) is not _SocketStream:
-        with trio.CancelScope(deadline=deadline) as scope:
+        with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
             await stream.send_all(data)
         return not scope.cancelled_caught
     fd = _fd(stream)
@@ -174,7 +175,7 @@ async def send_all(stream: trio.abc.Stream, data: bytes, deadline: float) -> boo
     if sent == len(data):
         return True
     rest = memoryview(data)[sent:]
-    with trio.CancelScope(deadline=deadline) as scope:
+    with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
         while rest:
             await wait_writable(fd)
             try:

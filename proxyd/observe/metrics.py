@@ -59,6 +59,7 @@ KNOWN_METHODS: Final = (
     "CONNECT",
 )
 STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
+_KNOWN_METHOD_SET: Final = frozenset(KNOWN_METHODS)
 # Latency buckets from 0.5 ms (a loopback hit) to a minute (a slow origin).
 LATENCY_BUCKETS: Final = (
     0.0005,
@@ -374,6 +375,9 @@ class Metrics:
 
         self._requests_children: dict[tuple[str, str, str, str], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}
+        # (method, status, route kind, cache) -> both children: one lookup per request. Bounded:
+        # the method is one of KNOWN_METHODS or OTHER, the status three digits (h11).
+        self._request_pairs: dict[tuple[str, int, str, str], tuple[Counter, Histogram]] = {}
         self._error_children: dict[str, Counter] = {}
         self.bytes_up = self.bytes.labels("upload")
         self.bytes_down = self.bytes.labels("download")
@@ -391,18 +395,22 @@ class Metrics:
         route_kind: str = "none",
         cache: str = "none",
     ) -> None:
-        if method not in KNOWN_METHODS:
+        if method not in _KNOWN_METHOD_SET:
             method = "OTHER"
-        status_class = STATUS_CLASSES[min(max(status // 100, 1), 5) - 1]
-        key = (method, status_class, route_kind, cache)
-        counter = self._requests_children.get(key)
-        if counter is None:
-            counter = self._requests_children[key] = self.requests.labels(*key)
-        counter.inc()
-        histogram = self._duration_children.get(method)
-        if histogram is None:
-            histogram = self._duration_children[method] = self.request_duration.labels(method)
-        histogram.observe(duration)
+        key = (method, status, route_kind, cache)
+        pair = self._request_pairs.get(key)
+        if pair is None:
+            status_class = STATUS_CLASSES[min(max(status // 100, 1), 5) - 1]
+            labels = (method, status_class, route_kind, cache)
+            counter = self._requests_children.get(labels)
+            if counter is None:
+                counter = self._requests_children[labels] = self.requests.labels(*labels)
+            histogram = self._duration_children.get(method)
+            if histogram is None:
+                histogram = self._duration_children[method] = self.request_duration.labels(method)
+            pair = self._request_pairs[key] = (counter, histogram)
+        pair[0].inc()
+        pair[1].observe(duration)
 
     def observe_error(self, error_type: str) -> None:
         child = self._error_children.get(error_type)

@@ -334,23 +334,35 @@ class Router:
 
     async def decide(self, scheme: str, host: str, port: int, url: str) -> RouteList:
         """The route list for one request, best first (see the module docstring)."""
+        routes = self.decide_static(host, port)
+        if routes is not None:
+            return routes
         now = trio.current_time()
         source: DecisionSource
-        static = self.static
-        if self.mode == "static":
-            # No bypass list and no rules (the default): the default list, without parsing the
-            # host (RequestHost.parse tries it as an IP literal, a cost on every request).
-            if not static.rules and not static.bypass:
-                routes = static.default
-            else:
-                routes = static.decide(scheme, host, port)
-            source = "static"
-        elif static.is_bypassed(host, port):
+        if self.static.is_bypassed(host, port):
             routes, source = ALL_DIRECT, "static"
         else:
             routes, source = await self._decide_pac(scheme, host, port, url, now)
         self._count_decision(routes, source)
         return self.bad_proxies.order(routes, now)
+
+    def decide_static(self, host: str, port: int) -> RouteList | None:
+        """``decide`` in static mode, which needs no await (the client's per-request path calls
+        it directly); None in PAC mode. Counted like ``decide``."""
+        if self.mode != "static":
+            return None
+        static = self.static
+        # No bypass list and no rules (the default): the default list, without parsing the host
+        # (RequestHost.parse tries it as an IP literal, a cost on every request). The scheme is
+        # not matched on (static.py).
+        if not static.rules and not static.bypass:
+            routes = static.default
+        else:
+            routes = static.decide("", host, port)
+        self._count_decision(routes, "static")
+        if len(routes) > 1:  # a single route is first whatever the bad-proxy list says
+            routes = self.bad_proxies.order(routes, trio.current_time())
+        return routes
 
     async def _decide_pac(
         self, scheme: str, host: str, port: int, url: str, now: float

@@ -13,6 +13,14 @@ and is discarded instead of handed out — the request asks again.
 DONE/DONE, nothing broken), and the state either hands the socket straight to the oldest waiter of
 its group (late binding) or keeps it idle. A reaper task expires idle sockets every second.
 
+The per-request path: with more clients of one origin than ``pool.per_group`` sockets, most
+requests wait here, so waiting is kept cheap. The common cases skip the plan (``take_idle``,
+``queue_if_full``, ``hand_over``, ``release_idle`` in pool_state), a waiter parks its task
+directly (no ``trio.Event``), and ``pool.timeout`` is not a cancel scope per wait (~6 µs to enter
+and leave): waiters are kept in arrival order and the reaper, which sleeps until the earliest
+deadline among them (or its next one-second tick), wakes those past it. A pool that is not running
+(no reaper) bounds each wait with a cancel scope instead.
+
 CONNECT tunnels and WebSocket sessions are not pooled: ``tunnel_slot(host)`` bounds them per host
 (``pool.tunnels_per_host``, Chromium's 255 for WebSockets), apart from the HTTP limits.
 
@@ -88,15 +96,20 @@ class UpstreamConnection:
         return stream.socket
 
     def is_readable(self) -> bool:
-        """True when the idle socket has data or EOF pending (it must not be reused)."""
+        """True when the idle socket has data or EOF pending (it must not be reused).
+
+        ``poll``, not ``select``: select() cannot take a descriptor above FD_SETSIZE (1024),
+        and a daemon with a thousand connections open hands out such descriptors all the time;
+        every pooled socket would then look dead and be replaced by a new connect."""
         try:
             fd = self._socket().fileno()
             if fd < 0:
                 return True
-            readable, _, _ = select.select((fd,), (), (), 0)
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            return bool(poller.poll(0))
         except (OSError, ValueError):
             return True
-        return bool(readable)
 
     def close_now(self) -> None:
         """Close without awaiting (an idle or broken socket: no TLS close_notify owed)."""
@@ -233,6 +246,7 @@ class Pool:
         self._connector = connector
         self._metrics = metrics
         self._clock = clock
+        self._trio_clock = clock is trio.current_time  # then pool times are trio deadlines too
         self._conns: dict[int, UpstreamConnection] = {}
         self._waiters: dict[int, _Waiter] = {}
         self._ids = itertools.count(1)
@@ -327,15 +341,19 @@ class Pool:
         waiter = _Waiter()
         self._waiters[waiter_id] = waiter
         try:
-            plan = self.state.request(key, proxy, waiter_id, self._clock(), fresh=fresh)
-            limited = not waiter.done and not plan.connects
-            self._apply(plan)
+            if not fresh and self.state.queue_if_full(key, waiter_id):
+                limited = True  # the common wait: the group is at its limit
+            else:
+                plan = self.state.request(key, proxy, waiter_id, self._clock(), fresh=fresh)
+                limited = not waiter.done and not plan.connects
+                self._apply(plan)
             if not waiter.done:
                 metrics = self._metrics
                 started = self._clock()
                 if limited and metrics is not None:
                     metrics.pool_waits.inc()
-                deadline = trio.current_time() + self.config.timeout
+                timeout = self.config.timeout
+                deadline = (started if self._trio_clock else trio.current_time()) + timeout
                 if self._nursery is not None:
                     # The reaper (run) wakes it at the deadline; wake the reaper first if it
                     # sleeps past that (a first waiter, or a timeout shorter than its tick).
@@ -381,14 +399,27 @@ class Pool:
             and state.our_state is h11.DONE
             and state.their_state is h11.DONE
         )
-        now = self._clock()
         if reusable:
             state.start_next_cycle()
+            waiter_id = self.state.hand_over(conn.key)
+            if waiter_id is not None:
+                # Straight to the oldest waiter of the group (late binding), no plan needed.
+                waiter = self._waiters.get(waiter_id)
+                if waiter is not None:  # always: a waiter leaves the queue before the dict
+                    conn.was_idle = False
+                    waiter.conn = conn
+                    waiter.wake()
+                    return
+                now = self._clock()
+                self._settle(conn, self.state.release(conn.key, conn.socket_id, True, now), now)
+                return
+            now = self._clock()
             if self.state.release_idle(conn.key, conn.socket_id, now):
                 conn.idle_since = now
                 conn.was_idle = True
                 return
         else:
+            now = self._clock()
             conn.close_now()
             del self._conns[conn.socket_id]
         self._settle(conn, self.state.release(conn.key, conn.socket_id, reusable, now), now)

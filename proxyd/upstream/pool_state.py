@@ -25,7 +25,10 @@ oldest such idle socket is closed to make room. Idle sockets expire after ``idle
 they never carried a request and ``idle_used`` seconds otherwise (Chromium: 10 s / 300 s).
 
 Every method returns a ``Plan``: grants to deliver, connects to start, sockets to close, failures
-to deliver. The trio shell (pool.py) applies it with no await in between deciding and acting.
+to deliver. The trio shell (pool.py) applies it with no await in between deciding and acting. The
+per-request fast paths (``take_idle``, ``queue_if_full``, ``hand_over``, ``release_idle``) decide
+the common cases -- an idle socket, a full group to queue in, a waiter to hand a socket to, nobody
+waiting -- without a plan, and return None / False when the general method must decide.
 
 A config reload swaps the limits (``set_limits``). Nothing already open is touched: sockets above
 a lowered limit stay until they close or expire (new connects obey the new limit, and sockets
@@ -140,6 +143,32 @@ class PoolState:
         group.idle.pop()
         group.active += 1
         return idle.socket_id
+
+    def queue_if_full(self, key: GroupKey, waiter: int) -> bool:
+        """Fast path of ``request`` (not fresh) when the group has nothing idle and no room for
+        another socket -- with more clients than ``per_group``, most requests: the waiter queues
+        for the next socket of the group released (late binding). False means: take the general
+        path. Allocates nothing."""
+        group = self._groups.get(key)
+        if group is None or group.idle or group.active + group.connecting < self.limits.per_group:
+            return False
+        waiters = group.waiters
+        waiters.append((waiter, False))
+        if len(waiters) > group.connecting:
+            self._starved[key] = None  # as _start_connects: it would find no room to connect
+        return True
+
+    def hand_over(self, key: GroupKey) -> int | None:
+        """Fast path of ``release(reusable=True)`` when the group's oldest waiter takes any
+        socket (not fresh): the socket stays active for it. The waiter's id, or None to take the
+        general path. Allocates nothing."""
+        waiters = self._groups[key].waiters
+        if not waiters or waiters[0][1]:
+            return None
+        waiter = waiters.popleft()[0]
+        if not waiters:
+            self._starved.pop(key, None)
+        return waiter
 
     def release_idle(self, key: GroupKey, socket_id: int, now: float) -> bool:
         """Fast path of ``release(reusable=True)`` when nobody anywhere waits: the socket goes

@@ -405,6 +405,9 @@ class Session:
             if hop.pending:
                 data, hop.pending = hop.pending, b""
                 await self._process(hop, data)
+            # ``data`` is emptied after each read is relayed: the wait for the next one must
+            # not keep the last read alive (up to 64 KiB per hop of an idle session).
+            data = b""
             while True:
                 try:
                     data = await _receive(stream)
@@ -420,6 +423,7 @@ class Session:
                     machine.last_activity = trio.current_time()
                 if hop.parsing:
                     await self._process(hop, data)
+                data = b""
             if ending is not None and machine.state(hop.side) < HopState.CLOSED:
                 await self._execute(machine.on_vanished(hop.side, ending, trio.current_time()))
             state = machine.state(hop.side)

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import types
 
-import h11
 import trio
 
+from proxyd._h11 import h11
 from proxyd.client import ClientConnection
 from proxyd.upstream.pool import TunnelSlot
 from proxyd.websocket.relay import Session
 from proxyd.websocket.upgrade import Sniffed
 from tests.conftest import RunningProxy, StartProxy, eventually
 from tests.test_memory import of_type, stack_objects, tasks_running
-from tests.websocket.clients import CONNECT, raw_open, read_head, upgrade_request
+from tests.websocket.clients import CONNECT, masked_frame, raw_open, read_head, upgrade_request
 from tests.websocket.ws_origin import WsOrigin
 
 
@@ -91,3 +91,26 @@ async def test_tunnel_slots_leave_no_limiter_behind(
         await held.aclose()
         await refused.aclose()
         await eventually(lambda: not pool._tunnels)
+
+
+async def test_a_session_idle_after_traffic_keeps_no_read_buffer(
+    start_proxy: StartProxy, ws_origin: WsOrigin
+) -> None:
+    """After a 32 KiB message was relayed both ways (the origin echoes it), the readers wait
+    for the next bytes without keeping the last read (up to 64 KiB per hop) alive."""
+    proxy = await start_proxy(**{"connect.allowed_ports": [ws_origin.port]})
+    payload = bytes(range(256)) * 128
+    with trio.fail_after(5):
+        stream = await open_tunnelled_session(proxy, ws_origin)
+        await stream.send_all(masked_frame(0x2, payload))
+        echoed = b""
+        while len(echoed) < 4 + len(payload):
+            echoed += await stream.receive_some(65536)
+        assert echoed == b"\x82\x7e\x80\x00" + payload
+        await trio.sleep(0.1)  # both readers are waiting again
+    readers = tasks_running(Session._read_loop)
+    assert len(readers) == 2
+    for reader in readers:
+        objects = stack_objects(reader)
+        assert not [o for o in objects if isinstance(o, (bytes, bytearray)) and len(o) > 4096]
+    await stream.aclose()
