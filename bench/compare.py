@@ -71,7 +71,7 @@ The phases, in order (``--phases`` picks some):
 5. ``memory`` -- for each proxy a fresh process (RSS never shrinks, so a used one would hide the
    growth): ``--idle-clients`` (5,000) keep-alive clients that each made one request and then sit
    idle, RSS delta / clients still open; then another fresh process and ``--idle-sessions``
-   (1,000) idle WebSocket sessions. Opening stops after 30 s (a slow proxy is measured with what
+   (1,000) idle WebSocket sessions. Opening stops after 20 s (a slow proxy is measured with what
    opened, and the table says how many). RLIMIT_NOFILE is raised (inherited by everything).
 6. ``pac`` -- ``pac_bench.py``'s corporate PAC file: µs per decision (engine alone, the router
    uncached and cached), on the proxy's CPU.
@@ -149,7 +149,7 @@ WS_MAX_ROUND_TRIPS: Final = 5_000_000
 STORE_WAIT: Final = 10.0
 IDLE_OPEN_CONCURRENCY: Final = 50  # below proxy.py's default listen backlog (100)
 #: Opening the idle clients of one proxy stops here (a slow proxy is measured with what opened).
-IDLE_OPEN_DEADLINE: Final = 30.0
+IDLE_OPEN_DEADLINE: Final = 20.0
 IDLE_SETTLE: Final = 1.0
 TREE_STOP_WAIT: Final = 3.0
 STARTUP_ATTEMPTS: Final = 3  # of http_bench.wait_for_port's 10 s each
@@ -864,7 +864,9 @@ def run_http(ctx: Context) -> list[HttpRun]:
                 if target != "direct" and proxy is None:
                     continue
                 lua = ctx.lua[f"{'proxied' if proxy else 'direct'}-{file}"]
-                run = wrk_run(ctx, proxy, scenario, file, connections, lua, args.duration, rnd)
+                # One connection: a latency, thousands of samples in less time (time budget).
+                seconds = args.duration if connections > 1 else max(1, args.duration - 1)
+                run = wrk_run(ctx, proxy, scenario, file, connections, lua, seconds, rnd)
                 runs.append(run)
                 progress(f"round {rnd}", run)
     return runs
@@ -924,11 +926,6 @@ def run_cache(ctx: Context) -> list[HttpRun]:
                 print(f"# {exc}")
                 continue
         usable.append(case)
-    if not args.quick:
-        for scenario, name, kind, file in usable:
-            proxy = ctx.alive(f"{name}-cache")
-            if proxy is not None:
-                wrk_run(ctx, proxy, scenario, file, 50, ctx.lua[f"{kind}-{file}"], 1, 0, kind)
     runs: list[HttpRun] = []
     for rnd in range(1, args.rounds + 1):
         for scenario, name, kind, file in usable:
@@ -1288,6 +1285,8 @@ class MemoryRun:
     rss_after: int
     bytes_per_connection: float | None
     errors: list[str] = field(default_factory=list)
+    #: e.g. not all opened before the deadline: the proxy is slow to accept, not failing
+    note: str = ""
 
 
 async def open_idle_http(
@@ -1327,8 +1326,7 @@ async def open_idle_http(
     try:
         async with asyncio.timeout(IDLE_OPEN_DEADLINE):
             await asyncio.gather(*tasks)
-    except TimeoutError:
-        errors.append(f"opening {count} clients took over {IDLE_OPEN_DEADLINE:.0f}s")
+    except TimeoutError:  # a slow proxy: measured with what opened (the table says how many)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -1363,8 +1361,9 @@ async def memory_idle_http(ctx: Context, name: str, count: int) -> MemoryRun:
     # A proxy that closes idle keep-alive connections holds nothing for them: no per-connection
     # figure then (the table says how many stayed open).
     per = (after - before) / still if still >= count // 2 else None
+    note = "" if len(conns) == count else f"opened {len(conns)} in {IDLE_OPEN_DEADLINE:.0f}s"
     return MemoryRun(
-        "idle HTTP connection", name, count, len(conns), still, before, after, per, errors
+        "idle HTTP connection", name, count, len(conns), still, before, after, per, errors, note
     )
 
 
@@ -1382,8 +1381,6 @@ async def memory_idle_ws(ctx: Context, name: str, origin: wb.Origin, count: int)
         while len(clients) < count and time.monotonic() < deadline:
             batch = min(IDLE_OPEN_CONCURRENCY, count - len(clients))
             clients += await wb.open_sessions(target, origin, batch, errors)
-        if len(clients) < count:
-            errors.append(f"{len(clients)} of {count} opened within {IDLE_OPEN_DEADLINE:.0f}s")
         await asyncio.sleep(IDLE_SETTLE)
         after = proxy.rss_bytes()
         still = sum(1 for c in clients if not c.reader.at_eof())
@@ -1392,8 +1389,18 @@ async def memory_idle_ws(ctx: Context, name: str, origin: wb.Origin, count: int)
         if problem := proxy.exited():
             errors.append(problem)
     per = (after - before) / still if still >= count // 2 else None
+    note = "" if len(clients) == count else f"opened {len(clients)} in {IDLE_OPEN_DEADLINE:.0f}s"
     return MemoryRun(
-        "idle WebSocket session", name, count, len(clients), still, before, after, per, errors
+        "idle WebSocket session",
+        name,
+        count,
+        len(clients),
+        still,
+        before,
+        after,
+        per,
+        errors,
+        note,
     )
 
 
@@ -1628,7 +1635,8 @@ def detail_tables(results: Results, targets: Sequence[str], args: argparse.Names
     if results.http or results.cache:
         lines += [
             "",
-            f"HTTP (wrk -t 1; medians of {args.rounds} round(s) x {args.duration}s):",
+            f"HTTP (wrk -t 1; medians of {args.rounds} round(s) x {args.duration}s, one"
+            f" connection {max(1, args.duration - 1)}s; cache runs -c {CACHE_CONNECTIONS}):",
             "",
             "| scenario | target | req/s | x proxyd | per round | p50 ms | p99 ms"
             " | proxy CPU µs/req | proxy CPU % of a core | hits | errors |",
@@ -1747,6 +1755,7 @@ def detail_tables(results: Results, targets: Sequence[str], args: argparse.Names
             for m in results.memory:
                 if m.kind == kind:
                     note = "" if m.bytes_per_connection is not None else " (closed by the proxy)"
+                    note += f" ({m.note})" if m.note else ""
                     errs = (
                         f"{len(m.errors)}: {'; '.join(sorted(set(m.errors))[:2])}"
                         if m.errors
@@ -1820,6 +1829,23 @@ def targets_of(results: Results) -> list[Target]:
         theirs = http(scenario, peer, "cpu_us_per_request")
         return f"; by CPU µs/request {fmt(ratio(theirs, ours), 2)}x"
 
+    def ws_by_cpu(scenario: str, peer: str) -> str:
+        ours = median_or_none(
+            [
+                r.cpu_us_per_message
+                for r in results.ws
+                if r.scenario == scenario and r.target == "proxyd"
+            ]
+        )
+        theirs = median_or_none(
+            [
+                r.cpu_us_per_message
+                for r in results.ws
+                if r.scenario == scenario and r.target == peer
+            ]
+        )
+        return f"; by CPU µs/message {fmt(ratio(theirs, ours), 2)}x"
+
     def kib_of(value: float | None) -> float | None:
         return value / KIB if value is not None else None
 
@@ -1866,7 +1892,8 @@ def targets_of(results: Results) -> list[Target]:
             ">=",
             10.0,
             f"proxyd {fmt(ws('echo 64 B', 'proxyd'))} vs mitmproxy"
-            f" {fmt(ws('echo 64 B', 'mitmproxy'))} round trips/s",
+            f" {fmt(ws('echo 64 B', 'mitmproxy'))} round trips/s"
+            + ws_by_cpu("echo 64 B", "mitmproxy"),
         ),
         (
             "WebSocket 64 KiB echo ≥ ½ Squid's tunnel",
@@ -1874,7 +1901,7 @@ def targets_of(results: Results) -> list[Target]:
             ">=",
             0.5,
             f"proxyd {fmt(ws('echo 64 KiB', 'proxyd'))} vs squid"
-            f" {fmt(ws('echo 64 KiB', 'squid'))} round trips/s",
+            f" {fmt(ws('echo 64 KiB', 'squid'))} round trips/s" + ws_by_cpu("echo 64 KiB", "squid"),
         ),
     )
     targets = [
@@ -2176,8 +2203,14 @@ def build_report(
         lines += [
             "",
             "**This machine is shared and was busy with other work (see above): the numbers are"
-            " noisy.** The rounds are interleaved, so drift hits every target alike and the"
-            " ratios measured in the same run are steadier than the absolute numbers.",
+            " noisy.** Other processes took turns on the proxies' CPU, so a proxy's req/s depends"
+            " on how much of its core it got (the `proxy CPU % of a core` column below; the"
+            " scheduler shares a contended core per thread, so a proxy with a thread per"
+            " connection, tinyproxy, gets more of it than a single-threaded one). The"
+            " rounds are interleaved, so drift hits every target alike; the ratios measured in"
+            " the same run, and above all the CPU time per request (what each proxy costs, whoever"
+            " else runs), are steadier than the absolute numbers. The targets table gives the"
+            " throughput ratios both ways.",
         ]
     lines += [
         "",

@@ -77,11 +77,13 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import errno
 import json
 import os
 import platform
 import re
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -103,6 +105,7 @@ WARMUP_CLIENTS: Final = 50
 WARMUP_SESSIONS: Final = 20
 OPEN_CONCURRENCY: Final = 200  # connections opened at once (more only overflows accept queues)
 IO_TIMEOUT: Final = 15.0
+STARTUP_WAIT: Final = 30.0
 SETTLE_SECONDS: Final = 1.0
 SOAK_ORIGINS: Final = 1000
 SOAK_HOT_KEYS: Final = 500
@@ -350,9 +353,31 @@ def start_proxyd(
     )
     own.callback(hb.stop_process, proc, f"proxyd ({name})")
     ctx.stack.callback(hb.stop_process, proc, f"proxyd ({name})")
-    hb.wait_for_port(port, proc, f"proxyd ({name})", log)
-    hb.wait_for_port(admin_port, proc, f"proxyd ({name}) admin", log)
+    wait_listening(port, proc, f"proxyd ({name})", log)
+    wait_listening(admin_port, proc, f"proxyd ({name}) admin", log)
     return Proxyd(name, proc, port, admin_port, path, config, log), own
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], name: str, log: Path) -> None:
+    """``http_bench.wait_for_port`` with a longer bound (a config with 10,000 host overrides
+    takes a while to validate on a busy machine) and a clear word when this process is out
+    of descriptors rather than the daemon slow."""
+    deadline = time.monotonic() + STARTUP_WAIT
+    problem = "no answer"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{name} exited with status {proc.returncode}:\n{hb.tail(log)}")
+        try:
+            with socket.create_connection((LOOPBACK, port), timeout=0.5):
+                return
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise BenchError(f"out of file descriptors while waiting for {name}") from None
+            problem = str(exc)
+            time.sleep(0.05)
+    raise BenchError(
+        f"{name} did not accept on {LOOPBACK}:{port} within {STARTUP_WAIT:.0f}s ({problem})"
+    )
 
 
 # --- HTTP clients (asyncio) -----------------------------------------------------------------------

@@ -26,6 +26,7 @@ from typing import Any
 
 import trio
 
+from proxyd import client
 from proxyd._h11 import h11
 from proxyd.client import ClientConnection, IdleConnections
 from tests.conftest import RunningProxy, eventually
@@ -103,9 +104,10 @@ async def keepalive_request(port: int, origin: Origin) -> trio.SocketStream:
 async def test_an_idle_connection_keeps_no_request_scope_or_exception(
     proxy: RunningProxy, origin: Origin
 ) -> None:
-    """While waiting for its next request, a connection's stack references no parsed request
-    (the last one's head), no cancel scope (the idle timeout is IdleConnections' job), no
-    exception, and one h11 connection at most."""
+    """While waiting for its next request, a connection holds no h11 connection of its own
+    (the shared placeholder until bytes arrive), and its stack references no parsed request
+    (the last one's head), no cancel scope (the idle timeout is IdleConnections' job) and no
+    exception."""
     services = proxy.server.services
     assert services is not None
     with trio.fail_after(5):
@@ -118,7 +120,8 @@ async def test_an_idle_connection_keeps_no_request_scope_or_exception(
         assert not of_type(objects, h11.Request)
         assert not of_type(objects, trio.CancelScope)
         assert not of_type(objects, BaseException)
-        assert len(of_type(objects, h11.Connection)) <= 1
+        assert of_type(objects, h11.Connection) in ([], [client._WAITING])
+    assert all(conn.h11 is client._WAITING for conn in services.connections)
     for stream in clients:
         await stream.aclose()
 
@@ -202,3 +205,24 @@ async def test_the_sweeper_ends_a_connection_added_to_an_empty_set_in_time() -> 
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
     assert woken == ["a"]
+
+
+async def test_the_shared_placeholder_is_never_touched(proxy: RunningProxy, origin: Origin) -> None:
+    """Malformed, oversized and pipelined requests all parse on the connection's own h11
+    connection: the shared placeholder of idle connections stays pristine."""
+    authority = f"127.0.0.1:{origin.port}".encode()
+    get = b"GET http://%s/ HTTP/1.1\r\nHost: %s\r\n\r\n" % (authority, authority)
+    for data, status in (
+        (b"\x16\x03\x01 not http\r\n\r\n", b"400"),
+        (b"GET http://%s/ HTTP/1.1\r\nX: %s\r\n\r\n" % (authority, b"y" * 70000), b"431"),
+        (get + get, b"200"),
+    ):
+        with trio.fail_after(5):
+            stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+            await stream.send_all(data)
+            head, _ = await read_head(stream)
+            assert head.split(b" ", 2)[1] == status, head
+            await stream.aclose()
+    placeholder = client._WAITING
+    assert placeholder.our_state is h11.IDLE and placeholder.their_state is h11.IDLE
+    assert placeholder.trailing_data == (b"", False)

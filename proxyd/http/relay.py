@@ -64,6 +64,8 @@ GroupKey = tuple[bytes, str, int, Route]
 RECEIVE_SIZE: Final = sockio.RECEIVE_SIZE
 IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 MAX_RESPONSE_HEAD: Final = 65536
+#: A body piece at least this large goes to the client with writev next to the head, not joined.
+WRITEV_MIN: Final = 16384
 
 _NEED_DATA = h11.NEED_DATA
 _Data = h11.Data
@@ -127,7 +129,9 @@ class ClientSide(Protocol):
 
     h11: h11.Connection
 
-    async def send(self, data: bytes, timeout: float) -> None: ...
+    async def send(self, data: bytes | list[bytes], timeout: float) -> None:
+        """Write ``data`` (a list: its parts in order, in one system call where possible)."""
+        ...
 
     def is_closing(self) -> bool:
         """True when this must be the connection's last response (the daemon is draining)."""
@@ -402,7 +406,7 @@ async def _forward_without_body(
     uc = conn.h11
     head = uc.send(up_request) + uc.send(_END)
     if stats.reused:
-        settings.metrics.upstream_reuses.inc()
+        settings.metrics.inc_upstream_reuses(1)
     conn.requests += 1
     try:
         sent = await sockio.send_all(conn.stream, head, settings.idle_read_timeout)
@@ -431,7 +435,7 @@ async def _forward_with_body(
     uc = conn.h11
     head = uc.send(up_request)
     if stats.reused:
-        settings.metrics.upstream_reuses.inc()
+        settings.metrics.inc_upstream_reuses(1)
     conn.requests += 1
     try:
         sent = await sockio.send_all(conn.stream, head, settings.idle_read_timeout)
@@ -663,6 +667,7 @@ async def _relay_response(
     ]
     idle = settings.idle_read_timeout
     client_gone: ClientGone | None = None
+    large = False  # ``out`` holds a big body piece: written with writev rather than joined
     while True:
         try:
             event = uc.next_event()
@@ -676,7 +681,7 @@ async def _relay_response(
             if out:
                 if client_gone is None:
                     try:
-                        await client.send(out[0] if len(out) == 1 else b"".join(out), idle)
+                        await client.send(_for_client(out, large), idle)
                         stats.head_sent = True
                     except ClientGone as exc:
                         # Followers of a collapsed fetch still want this body: keep reading.
@@ -684,6 +689,7 @@ async def _relay_response(
                             raise
                         client_gone = exc
                 out.clear()
+                large = False
             try:
                 data = await _receive_upstream(conn, idle)
             except trio.TooSlowError:
@@ -699,10 +705,12 @@ async def _relay_response(
         kind = type(event)
         if kind is _Data:
             assert isinstance(event, h11.Data)
-            stats.bytes_out += len(event.data)
+            size = len(event.data)
+            stats.bytes_out += size
             if sink is not None:
                 await sink.write(event.data)
             out.append(cc.send(event))
+            large = large or size >= WRITEV_MIN
         elif kind is _EndOfMessage:
             assert isinstance(event, h11.EndOfMessage)
             trailers = event.headers
@@ -712,7 +720,7 @@ async def _relay_response(
                 out.append(cc.send(_END))
             if client_gone is None:
                 try:
-                    await client.send(out[0] if len(out) == 1 else b"".join(out), idle)
+                    await client.send(_for_client(out, large), idle)
                     stats.head_sent = True
                 except ClientGone as exc:
                     client_gone = exc  # the body is complete: still finish the sink
@@ -725,6 +733,14 @@ async def _relay_response(
             raise ResponseAborted(
                 "http_response_incomplete", f"{stats.upstream} closed the connection mid-response"
             )
+
+
+def _for_client(out: list[bytes], large: bool) -> bytes | list[bytes]:
+    """One write's worth: a single piece as it is, small pieces joined (a copy is cheaper than a
+    writev), pieces with a big body part as a list (``ClientSide.send`` writes it with writev)."""
+    if len(out) == 1:
+        return out[0]
+    return out if large else b"".join(out)
 
 
 def _client_chunked(cc: h11.Connection, headers: list[tuple[bytes, bytes]]) -> bool:

@@ -49,6 +49,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+from collections.abc import Sequence
 from typing import Final, cast
 
 import trio
@@ -156,11 +157,16 @@ def _fd(stream: trio.SocketStream) -> int:
     return fd
 
 
-async def send_all(stream: trio.abc.Stream, data: bytes, timeout: float) -> bool:
+async def send_all(stream: trio.abc.Stream, data: bytes | list[bytes], timeout: float) -> bool:
     """Write all of ``data``; False when ``timeout`` (seconds from now) passed first (the stream
     is then in an unknown state: close it). Yields only when the kernel cannot take it all at
-    once; only then is the clock read and a cancel scope entered.
+    once; only then is the clock read and a cancel scope entered. A list is written in order
+    with ``writev`` (a response head and a large body piece, without joining them in memory).
     Raises ``trio.BrokenResourceError`` / ``trio.ClosedResourceError`` as trio does."""
+    if isinstance(data, list):
+        if type(stream) is _SocketStream:
+            return await _send_parts(_fd(stream), data, timeout)
+        data = b"".join(data)
     if type(stream) is not _SocketStream:
         with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
             await stream.send_all(data)
@@ -186,6 +192,39 @@ async def send_all(stream: trio.abc.Stream, data: bytes, timeout: float) -> bool
                 raise _stream_error(exc) from None
             rest = rest[sent:]
     return not scope.cancelled_caught
+
+
+async def _send_parts(fd: int, parts: list[bytes], timeout: float) -> bool:
+    total = sum(map(len, parts))
+    try:
+        sent = os.writev(fd, parts)
+    except BlockingIOError:
+        sent = 0
+    except OSError as exc:
+        raise _stream_error(exc) from None
+    if sent == total:
+        return True
+    rest: list[bytes | memoryview] = _after(parts, sent)
+    with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+        while rest:
+            await wait_writable(fd)
+            try:
+                sent = os.writev(fd, rest)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise _stream_error(exc) from None
+            rest = _after(rest, sent)
+    return not scope.cancelled_caught
+
+
+def _after(parts: Sequence[bytes | memoryview], sent: int) -> list[bytes | memoryview]:
+    """What is left of ``parts`` once ``sent`` bytes went out."""
+    for index, part in enumerate(parts):
+        if sent < len(part):
+            return [memoryview(part)[sent:], *parts[index + 1 :]]
+        sent -= len(part)
+    return []
 
 
 async def receive_some(

@@ -4,7 +4,11 @@ Names follow ``proxyd_<thing>_<unit>[_total]``; labels are bounded sets (a metho
 or ``OTHER``, a status class, an RFC 9209 error type, an outcome word), never a host or URL.
 Each ``Metrics`` owns its own ``CollectorRegistry`` so several daemons can run in one process (the
 tests do). Label children used on the per-request path are resolved once and cached in dicts: a
-``labels()`` call costs a lock and a tuple build, a dict lookup does not.
+``labels()`` call costs a lock and a tuple build, a dict lookup does not. The per-request updates
+(about eight a request) go through ``fast_inc`` / ``fast_observe``: the child's own value objects,
+without ``Counter.inc`` / ``Histogram.observe``'s per-call checks and linear bucket scan (a child
+is always observable, our amounts are never negative, and no exemplars are used) -- half the
+Python calls, the same samples in files and scrapes alike.
 Gauges that describe state owned elsewhere (the upstream pool) are read from ``stats()`` snapshots
 at scrape time through a custom collector, so nothing on the hot path updates them.
 
@@ -28,6 +32,7 @@ Several worker processes (``workers: N``, see proxyd/workers.py)
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Final, Literal, Protocol
 
@@ -375,9 +380,11 @@ class Metrics:
 
         self._requests_children: dict[tuple[str, str, str, str], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}
-        # (method, status, route kind, cache) -> both children: one lookup per request. Bounded:
-        # the method is one of KNOWN_METHODS or OTHER, the status three digits (h11).
-        self._request_pairs: dict[tuple[str, int, str, str], tuple[Counter, Histogram]] = {}
+        # (method, status, route kind, cache) -> both children's updates: one lookup per request.
+        # Bounded: the method is one of KNOWN_METHODS or OTHER, the status three digits (h11).
+        self._request_pairs: dict[
+            tuple[str, int, str, str], tuple[Callable[[float], None], Callable[[float], None]]
+        ] = {}
         self._error_children: dict[str, Counter] = {}
         self.bytes_up = self.bytes.labels("upload")
         self.bytes_down = self.bytes.labels("download")
@@ -386,6 +393,13 @@ class Metrics:
         self.connects_ok = self.upstream_connects.labels("ok")
         self.connections_allowed = self.client_connections.labels("true")
         self.connections_denied = self.client_connections.labels("false")
+        # The per-request updates (see the module docstring): same children, fewer calls.
+        self.inc_bytes_up = fast_inc(self.bytes_up)
+        self.inc_bytes_down = fast_inc(self.bytes_down)
+        self.inc_upstream_reuses = fast_inc(self.upstream_reuses)
+        self.inc_pool_waits = fast_inc(self.pool_waits)
+        self.observe_time_to_first_byte = fast_observe(self.time_to_first_byte)
+        self.observe_pool_wait = fast_observe(self.pool_wait_duration)
 
     def observe_request(
         self,
@@ -408,9 +422,9 @@ class Metrics:
             histogram = self._duration_children.get(method)
             if histogram is None:
                 histogram = self._duration_children[method] = self.request_duration.labels(method)
-            pair = self._request_pairs[key] = (counter, histogram)
-        pair[0].inc()
-        pair[1].observe(duration)
+            pair = self._request_pairs[key] = (fast_inc(counter), fast_observe(histogram))
+        pair[0](1)
+        pair[1](duration)
 
     def observe_error(self, error_type: str) -> None:
         child = self._error_children.get(error_type)
@@ -427,6 +441,33 @@ class Metrics:
     def stats_exposition(self) -> bytes:
         """The scrape-time families (``add_stats_provider``) alone, in the text format."""
         return generate_latest(self._stats_registry)
+
+
+def fast_inc(counter: Counter) -> Callable[[float], None]:
+    """``counter.inc`` for the per-request path: its value's own ``inc`` (one call, not three).
+    For a child (or a metric without labels) and non-negative amounts only. Falls back to
+    ``counter.inc`` should prometheus_client's internals ever change shape."""
+    inc = getattr(getattr(counter, "_value", None), "inc", None)
+    return inc if callable(inc) else counter.inc
+
+
+def fast_observe(histogram: Histogram) -> Callable[[float], None]:
+    """``histogram.observe`` for the per-request path: the sum and the one bucket the amount
+    falls in (``bisect``, where ``observe`` scans the bounds), on the child's value objects."""
+    try:
+        add_sum = histogram._sum.inc
+        bounds = list(histogram._upper_bounds)
+        add_bucket = [bucket.inc for bucket in histogram._buckets]
+    except AttributeError:
+        return histogram.observe
+    if len(bounds) != len(add_bucket) or not bounds or bounds[-1] != float("inf"):
+        return histogram.observe
+
+    def observe(amount: float) -> None:
+        add_sum(amount)
+        add_bucket[bisect_left(bounds, amount)](1)  # the first bound >= amount, as observe
+
+    return observe
 
 
 def _build_info(registry: CollectorRegistry) -> None:

@@ -59,7 +59,7 @@ import trio
 from prometheus_client import Counter
 
 from proxyd.config import PacConfig, RoutingConfig
-from proxyd.observe.metrics import Metrics
+from proxyd.observe.metrics import Metrics, fast_inc
 from proxyd.routing.errors import PacFailed, PacLoadError
 from proxyd.routing.failover import BadProxyList
 from proxyd.routing.pac.cache import LruCache
@@ -130,7 +130,7 @@ class Router:
         self._decision_counters: dict[tuple[str, str], Counter] = {}
         # The counter of the last decision, by the identity of its route list (a static list
         # lives as long as its StaticRouter): most requests repeat it, and skip the key.
-        self._last_counted: tuple[RouteList, str, Counter] | None = None
+        self._last_counted: tuple[RouteList, str, Callable[[float], None]] | None = None
         # Reload support: the nursery of run(), the refresh loop's scope, and evaluators that
         # were replaced while evaluations still ran on them (closed when the last one ends).
         self._nursery: trio.Nursery | None = None
@@ -455,15 +455,16 @@ class Router:
             return
         last = self._last_counted
         if last is not None and last[0] is routes and last[1] == source:
-            last[2].inc()
+            last[2](1)
             return
         key = (route_kind(routes[0]) if routes else "direct", source)
         counter = self._decision_counters.get(key)
         if counter is None:
             counter = self._metrics.routing_decisions.labels(*key)
             self._decision_counters[key] = counter
-        self._last_counted = (routes, source, counter)
-        counter.inc()
+        inc = fast_inc(counter)
+        self._last_counted = (routes, source, inc)
+        inc(1)
 
     def _count_evaluation(self, outcome: str) -> None:
         if self._metrics is not None:

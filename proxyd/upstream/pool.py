@@ -351,7 +351,7 @@ class Pool:
                 metrics = self._metrics
                 started = self._clock()
                 if limited and metrics is not None:
-                    metrics.pool_waits.inc()
+                    metrics.inc_pool_waits(1)
                 timeout = self.config.timeout
                 deadline = (started if self._trio_clock else trio.current_time()) + timeout
                 if self._nursery is not None:
@@ -365,7 +365,7 @@ class Pool:
                     with trio.CancelScope(deadline=deadline):
                         await waiter.wait()
                 if limited and metrics is not None:
-                    metrics.pool_wait_duration.observe(self._clock() - started)
+                    metrics.observe_pool_wait(self._clock() - started)
                 if not waiter.done:
                     if metrics is not None:
                         metrics.pool_wait_timeouts.inc()

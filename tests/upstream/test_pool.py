@@ -7,12 +7,19 @@ concurrent connections.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Awaitable, Callable
 
 import h11
 import httpx
+import pytest
 import trio
+import trio.testing
 
+from proxyd import _h11 as proxyd_h11
+from proxyd.config import PoolConfig
+from proxyd.errors import ConnectionLimitReached, DestinationUnavailable
+from proxyd.upstream.pool import Pool
 from tests.conftest import StartProxy, eventually
 from tests.origin import Exchange, Origin
 
@@ -173,3 +180,79 @@ async def test_pool_gauges_are_exported(start_proxy: StartProxy, nursery: trio.N
         metrics = (await admin.get(proxy.admin_url + "/metrics")).text
     assert 'proxyd_pool_connections{route_kind="direct",state="idle"} 1.0' in metrics
     assert "proxyd_pool_groups 1.0" in metrics
+
+
+# --- the pool shell on its own: waits ended by the reaper, not a cancel scope per wait ---------
+
+
+async def _socket_connector(key: object) -> trio.abc.Stream:
+    left, right = socket.socketpair()
+    right.close()  # never read: the tests only hold the socket
+    return trio.SocketStream(trio.socket.from_stdlib_socket(left))
+
+
+async def test_a_waiter_past_the_pool_timeout_is_woken_by_the_reaper(nursery: trio.Nursery) -> None:
+    """A request queued behind a full group gets ConnectionLimitReached once pool.timeout has
+    passed, also for a timeout shorter than the reaper's one-second tick (the first waiter wakes
+    the reaper to sleep until its deadline)."""
+    pool = Pool(PoolConfig(per_group=1, timeout=0.2), connector=_socket_connector)
+    await nursery.start(pool.run)
+    with trio.fail_after(5):
+        held = await pool.acquire("group", None)
+        started = trio.current_time()
+        with pytest.raises(ConnectionLimitReached):
+            await pool.acquire("group", None)
+        waited = trio.current_time() - started
+    assert 0.2 <= waited < 0.9
+    assert pool.state.stats()[0].waiting == 0  # the timed-out waiter left the queue
+    pool.release(held, reusable=False)
+
+
+async def test_a_waiter_gets_a_released_socket_at_once(nursery: trio.Nursery) -> None:
+    """Late binding on the hand-over fast path: the socket released goes to the queued request
+    (the very connection object), and the wait ends without the timeout."""
+    pool = Pool(PoolConfig(per_group=1, timeout=30), connector=_socket_connector)
+    await nursery.start(pool.run)
+    got: list[object] = []
+
+    async def second() -> None:
+        got.append(await pool.acquire("group", None))
+
+    with trio.fail_after(5):
+        held = await pool.acquire("group", None)
+        async with trio.open_nursery() as inner:
+            inner.start_soon(second)
+            await trio.testing.wait_all_tasks_blocked()
+            assert pool.state.stats()[0].waiting == 1
+            # Make the exchange look finished to h11, as the relay's would be (the pool's
+            # connections use proxyd's h11 build, which may be the compiled one).
+            ph11 = proxyd_h11.h11
+            held.h11.send(ph11.Request(method="GET", target="/", headers=[("Host", "x")]))
+            held.h11.send(ph11.EndOfMessage())
+            held.h11.receive_data(b"HTTP/1.1 204 No Content\r\n\r\n")
+            assert type(held.h11.next_event()) is ph11.Response
+            assert type(held.h11.next_event()) is ph11.EndOfMessage
+            pool.release(held, reusable=True)
+    assert got == [held]
+
+
+async def test_a_stopping_pool_fails_its_waiters_at_once() -> None:
+    """Nothing ends a queued wait once the reaper is gone, so the pool fails its waiters when
+    it stops instead of leaving them to hang until the client gives up."""
+    pool = Pool(PoolConfig(per_group=1, timeout=30), connector=_socket_connector)
+    errors: list[BaseException] = []
+
+    async def waiter() -> None:
+        try:
+            await pool.acquire("group", None)
+        except DestinationUnavailable as exc:
+            errors.append(exc)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as outer, trio.open_nursery() as pool_nursery:
+            await pool_nursery.start(pool.run)
+            await pool.acquire("group", None)  # the group's one socket, held
+            outer.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            pool_nursery.cancel_scope.cancel()  # the pool stops
+    assert len(errors) == 1

@@ -186,3 +186,50 @@ def test_fresh_waiters_never_starve_behind_idle_sockets() -> None:
     assert not state.release(A, 103, reusable=True, now=2).connects  # its connect is running
     assert state.request(A, None, 5, 3).grants == [(5, 103)]  # a newcomer takes the idle one
     assert state.connect_succeeded(A, 104, 3).grants == [(3, 104)]  # the retry gets a new one
+
+
+def test_queueing_and_handing_over_without_a_plan() -> None:
+    """queue_if_full / hand_over: the allocation-free path of a group at its limit (more clients
+    than per_group sockets). They decide exactly what request / release would, and decline (False
+    / None) whenever the general path has something else to do."""
+    state = PoolState(Limits(per_group=2))
+    assert not state.queue_if_full(A, 1)  # no group yet
+    state.request(A, None, 1, 0)
+    assert not state.queue_if_full(A, 2)  # room for another connect
+    state.request(A, None, 2, 0)
+    state.connect_succeeded(A, 100, 0)
+    state.connect_succeeded(A, 101, 0)
+    assert state.hand_over(A) is None  # nobody waits: release_idle / release decide
+    assert state.queue_if_full(A, 3) and state.queue_if_full(A, 4)  # full: queued, in order
+    assert state.stats()[0].waiting == 2
+    assert state.hand_over(A) == 3  # the oldest waiter takes the released socket
+    assert state.stats()[0].active == 2  # still active: now for waiter 3
+    state.request(A, None, 5, 1, fresh=True)  # a retry only takes a new socket
+    assert state.hand_over(A) == 4
+    assert state.hand_over(A) is None  # a fresh waiter first: the general path scans past it
+    assert state.release(A, 100, reusable=True, now=2).grants == []
+    assert state.take_idle(A, 2) is None  # a fresh waiter queues: take_idle declines too
+    assert not state.queue_if_full(B, 6)
+
+
+def test_queued_waiters_starve_their_group_until_handed_a_socket() -> None:
+    """A waiter queued by queue_if_full marks its group starved exactly as request does (so the
+    release_idle fast path of any group declines while it waits), and the hand-over that serves
+    the last waiter clears the mark."""
+    for queue in ("request", "queue_if_full"):
+        state = PoolState(Limits(per_group=1))
+        state.request(A, None, 1, 0)
+        state.connect_succeeded(A, 100, 0)
+        state.request(B, None, 2, 0)
+        state.connect_succeeded(B, 200, 0)
+        assert state.release_idle(B, 200, now=1)  # nobody waits anywhere: the fast path
+        assert state.take_idle(B, 1) == 200
+        if queue == "request":
+            assert state.request(A, None, 3, 1).connects == []
+        else:
+            assert state.queue_if_full(A, 3)
+        assert not state.release_idle(B, 200, now=2), queue  # A starves: general path
+        assert state.release(B, 200, reusable=True, now=2).grants == []
+        assert state.hand_over(A) == 3
+        assert state.take_idle(B, 3) == 200
+        assert state.release_idle(B, 200, now=3), queue  # nobody starves any more
