@@ -2,7 +2,7 @@
 
 Run it from the repository root with the project's virtualenv active::
 
-    python bench/compare.py                          # the whole comparison, about 8 minutes
+    python bench/compare.py                          # the whole comparison, 7-9 minutes
     python bench/compare.py --quick                  # smoke run, about 2 minutes
     python bench/compare.py --report bench/RESULTS.md --json /tmp/compare.json
     python bench/compare.py --phases http,ws --peers squid   # a part of it
@@ -1514,6 +1514,10 @@ def kib(value: float | None) -> str:
     return "-" if value is None else f"{value / KIB:,.1f}"
 
 
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}%"
+
+
 def ratio(value: float | None, base: float | None) -> float | None:
     return value / base if value is not None and base else None
 
@@ -1660,7 +1664,7 @@ def detail_tables(results: Results, targets: Sequence[str], args: argparse.Names
                     f" | {fmt(median_or_none([r.p50_ms for r in http_runs]), 3)}"
                     f" | {fmt(median_or_none([r.p99_ms for r in http_runs]), 3)}"
                     f" | {fmt(median_or_none([r.cpu_us_per_request for r in http_runs]), 1)}"
-                    f" | {fmt(median_or_none([r.cpu_percent for r in http_runs]))}%"
+                    f" | {percent(median_or_none([r.cpu_percent for r in http_runs]))}"
                     f" | {'-' if share is None else f'{100 * share:.1f}%'}"
                     f" | {errors_text([r.errors for r in http_runs])} |"
                 )
