@@ -19,7 +19,8 @@ How it works: ``ClientConnection.run`` loops over requests on one keep-alive con
 - Memory: idle connections are what a proxy holds most of, so one keeps only what the next
   request needs (bench/memory_bench.py measures it, tests/test_memory.py pins it): the task is
   ``run`` itself (no wrapper coroutine), the last request and the frames of its exchange are
-  gone, and the wait is trio's bare ``wait_readable`` with no cancel scope.
+  gone, the wait is trio's bare ``wait_readable`` with no cancel scope, and the h11 connection
+  is made when a request starts to arrive (``_WAITING`` until then).
 """
 
 from __future__ import annotations
