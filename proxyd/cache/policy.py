@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from functools import lru_cache
 from typing import Final
@@ -442,6 +442,8 @@ class Stored:
     variant: bytes
     body_size: int
     complete: bool = True
+    #: What policy parsed from ``headers``, kept with them (``_facts``): not part of the value.
+    parsed: _Facts | None = field(default=None, init=False, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -521,16 +523,16 @@ def _gather(headers: Iterable[Header], received: float | None) -> _Facts:
     )
 
 
-@lru_cache(maxsize=4096)
-def _facts_cached(headers: tuple[Header, ...], received: float) -> _Facts:
-    return _gather(headers, received)
-
-
 def _facts(stored: Stored) -> _Facts:
-    headers = stored.headers
-    if type(headers) is not tuple:  # tolerate a list (unhashable) although the type says tuple
-        headers = tuple(headers)
-    return _facts_cached(headers, stored.response_time)
+    """Parsed once per stored response and kept on it (the store's memory copy of the index
+    holds it as long as the row): a hit costs no parsing however many entries are stored. (A
+    global cache keyed by the headers would be bounded below the number of entries, and every
+    hit past its size would parse again: CPU per request growing with the cache.)"""
+    facts = stored.parsed
+    if facts is None:
+        facts = _gather(stored.headers, stored.response_time)
+        object.__setattr__(stored, "parsed", facts)  # a memo on a frozen value
+    return facts
 
 
 # --- storing (§3) ---------------------------------------------------------------------------
