@@ -49,7 +49,7 @@ from proxyd.errors import (
     RequestHeadTimeout,
     TransferCodingNotImplemented,
 )
-from proxyd.http import access, sockio
+from proxyd.http import access, fastpath, sockio
 from proxyd.http.messages import (
     HEAD_INCOMPLETE,
     Target,
@@ -89,6 +89,8 @@ from proxyd.websocket.upgrade import (
     sniff_tunnel,
 )
 
+# The module under a second name: inside ClientConnection, ``h11`` is the property.
+_h11 = h11
 _T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
@@ -295,6 +297,7 @@ class ClientConnection:
     # few KiB (bench/memory_bench.py), and most of that is trio's task and socket objects.
     __slots__ = (
         "_error_detail",
+        "_h11",
         "_limiter",
         "_linger",
         "_logged",
@@ -302,7 +305,7 @@ class ClientConnection:
         "allowed",
         "client_address",
         "conn_id",
-        "h11",
+        "fast_head",
         "req_id",
         "services",
         "stream",
@@ -327,7 +330,10 @@ class ClientConnection:
         self.client_address = client_address
         self.allowed = allowed
         self.conn_id = next(_connection_ids)
-        self.h11 = _WAITING  # its own once a request starts to arrive (_read_request)
+        self._h11 = _WAITING  # its own once a request starts to arrive (_read_request)
+        #: The current request's head when http.fastpath parsed it and h11 has not seen it
+        #: (the ``h11`` property hands it to h11 the first time anything needs h11's state).
+        self.fast_head: bytes | None = None
         self.user = "-"
         self._limiter = limiter
         self._token = token
@@ -335,6 +341,29 @@ class ClientConnection:
         self._logged = False
         self._error_detail = ""  # the failing request's error detail, for recent_errors
         self.req_id = 0  # the current request's NetLog id
+
+    @property
+    def h11(self) -> h11.Connection:
+        """The h11 server connection of the current request. A request that http.fastpath
+        parsed reaches h11 only here, when something needs h11 after all (an error response,
+        the cache, a response off the fast path): h11 parses the same head (cheap next to
+        what was saved) and stands where it would have stood, waiting to send the response."""
+        head = self.fast_head
+        if head is None:
+            return self._h11
+        self.fast_head = None
+        cc = self._h11 = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=self.services.config.client.max_head_size
+        )
+        cc.receive_data(head)
+        cc.next_event()  # the Request (http.fastpath accepts only what h11 accepts)
+        cc.next_event()  # its EndOfMessage: fast-path requests have no body
+        return cc
+
+    @h11.setter
+    def h11(self, conn: h11.Connection) -> None:
+        self.fast_head = None
+        self._h11 = conn
 
     # --- I/O helpers used by http.relay (the ClientSide protocol) ------------------------------
 
@@ -449,9 +478,13 @@ class ClientConnection:
             del request  # not kept alive (~0.5 KiB of head) while waiting for the next one
             if not keep_alive or services.draining:
                 return
+            if self.fast_head is not None:
+                return  # never: the fast relay or h11 has taken the head (defensive)
             # Read after the exchange, and not kept across the next one: a tunnelled WebSocket
             # replaces self.h11, and the CONNECT's connection must not outlive it (~0.9 KiB).
-            cc = self.h11
+            cc = self._h11
+            if cc is _WAITING:
+                continue  # relayed by http.fastpath: h11 never saw it, nothing is buffered
             if cc.our_state is not h11.DONE or cc.their_state is not h11.DONE:
                 # e.g. the origin answered before the whole body came: close in stages so the
                 # unread upload does not turn the close into a reset that destroys the answer.
@@ -463,7 +496,7 @@ class ClientConnection:
                 self.h11 = _WAITING  # nothing to keep while idle (see _WAITING)
             del cc
 
-    async def _read_request(self) -> h11.Request | None:
+    async def _read_request(self) -> _h11.Request | None:
         """Next request head, or None when the client closed (or idled out) between requests."""
         cc = self.h11
         config = self.services.config.client
@@ -512,7 +545,14 @@ class ClientConnection:
                     finally:
                         idle.discard(self)
                     started_head = True
-                    if data and cc is _WAITING:  # a request starts: its own h11 connection
+                    if data and cc is _WAITING:
+                        # The common request, whole in one read: no h11 connection at all
+                        # unless something needs one later (the h11 property).
+                        fast = fastpath.parse_request(data, max_head)
+                        if fast is not None:
+                            self.fast_head = data
+                            return fast
+                        # A request starts: its own h11 connection.
                         cc = self.h11 = h11.Connection(
                             h11.SERVER, max_incomplete_event_size=max_head
                         )
@@ -547,7 +587,7 @@ class ClientConnection:
                 return event
             return None  # ConnectionClosed
 
-    async def _serve(self, request: h11.Request) -> bool:
+    async def _serve(self, request: _h11.Request) -> bool:
         """Answer one request; True when the connection may carry another."""
         started = trio.current_time()
         services = self.services
@@ -701,7 +741,7 @@ class ClientConnection:
                 )
             )
 
-    async def _authenticate(self, request: h11.Request) -> None:
+    async def _authenticate(self, request: _h11.Request) -> None:
         services = self.services
         auth = services.auth
         assert auth is not None
@@ -772,7 +812,7 @@ class ClientConnection:
 
     async def _forward(
         self,
-        request: h11.Request,
+        request: _h11.Request,
         target: Target,
         facts: RequestFacts,
         stats: ExchangeStats,
@@ -848,7 +888,7 @@ class ClientConnection:
             "c%d: %s; failing over to %s", self.conn_id, exc.detail, routes[index + 1].label
         )
 
-    async def _serve_connect(self, request: h11.Request, started: float) -> bool:
+    async def _serve_connect(self, request: _h11.Request, started: float) -> bool:
         services = self.services
         config = services.config
         target = parse_authority(request.target)
@@ -874,7 +914,7 @@ class ClientConnection:
 
     async def _run_connect_tunnel(
         self,
-        request: h11.Request,
+        request: _h11.Request,
         started: float,
         upstream: trio.abc.Stream,
         stats: ExchangeStats,
@@ -959,7 +999,7 @@ class ClientConnection:
     # --- WebSocket sessions (proxyd/websocket) ----------------------------------------------
 
     async def _serve_websocket(
-        self, request: h11.Request, started: float, stats: ExchangeStats
+        self, request: _h11.Request, started: float, stats: ExchangeStats
     ) -> bool:
         """An absolute-form upgrade (``GET ws://host/path``): upstream leg first (routing,
         failover, the per-host tunnel limit), then the handshakes and the session."""
@@ -1022,7 +1062,7 @@ class ClientConnection:
 
     async def _tunneled_websocket(
         self,
-        connect: h11.Request,
+        connect: _h11.Request,
         sniffed: Sniffed,
         upstream: trio.abc.Stream,
         connect_stats: ExchangeStats,
@@ -1088,7 +1128,7 @@ class ClientConnection:
             self._linger = True  # a relayed rejection: unread client bytes must not reset it
         self._finish(method, url, started, stats, route=stats.route)
 
-    async def _purge(self, request: h11.Request, started: float, cache: HttpCache) -> bool:
+    async def _purge(self, request: _h11.Request, started: float, cache: HttpCache) -> bool:
         """PURGE http://host/path: remove every stored variant, for clients in purge_clients."""
         if not access.ClientAcl(self.services.config.cache.purge_clients).allows(
             self.client_address
@@ -1106,7 +1146,7 @@ class ClientConnection:
             status, headers, body, request.method, request.target, started, stats
         )
 
-    async def _answer_max_forwards(self, request: h11.Request, started: float) -> bool:
+    async def _answer_max_forwards(self, request: _h11.Request, started: float) -> bool:
         """RFC 9110 §7.6.2: Max-Forwards 0 on OPTIONS/TRACE means this proxy is the recipient."""
         if request.method == b"TRACE":
             body = trace_body(
@@ -1231,6 +1271,7 @@ class _NullClient:
         self.h11 = h11.Connection(h11.SERVER)
         self.h11.receive_data(b"GET / HTTP/1.1\r\nHost: cache\r\n\r\n")
         self.h11.next_event()
+        self.fast_head: bytes | None = None
 
     async def send(self, data: bytes | list[bytes], timeout: float) -> None:
         return None

@@ -50,7 +50,7 @@ from proxyd.errors import (
     ResponseTimeout,
     UpstreamProxyAuthFailed,
 )
-from proxyd.http import sockio
+from proxyd.http import fastpath, sockio
 from proxyd.http.messages import Target
 from proxyd.http.rules import RequestFacts, prepare_response
 from proxyd.observe.metrics import Metrics
@@ -128,6 +128,9 @@ class ClientSide(Protocol):
     """What the relay needs of the client connection (implemented by client.ClientConnection)."""
 
     h11: h11.Connection
+    #: The request head when http.fastpath parsed it and h11 has not seen it (reading ``h11``
+    #: hands it to h11); the fast relay sets it to None once it has answered.
+    fast_head: bytes | None
 
     async def send(self, data: bytes | list[bytes], timeout: float) -> None:
         """Write ``data`` (a list: its parts in order, in one system call where possible)."""
@@ -287,8 +290,12 @@ async def forward(
         path = b"*"  # RFC 9112 §3.2.4: OPTIONS http://host forwards as OPTIONS *
     elif absolute:
         path = b"http://" + target.authority + path  # RFC 9112 §3.2.2: absolute form to a proxy
-    up_request = h11.Request(method=request.method, target=path, headers=headers, _parsed=True)
-    cc = client.h11
+    # The fast path (http.fastpath): a plain GET from an HTTP/1.1 client, nothing watching.
+    fast = client.fast_head is not None and tap is None and not stats.netlog.active
+    method = request.method
+    up_request: h11.Request | None = None
+    if not fast:
+        up_request = h11.Request(method=method, target=path, headers=headers, _parsed=True)
     trailers = facts.accepts_trailers
     label = proxy.label if proxy is not None else None
     netlog = stats.netlog
@@ -305,36 +312,49 @@ async def forward(
     try:
         # A second forward of the same request (the cache's retry after a 304 that selected
         # nothing) finds the request already read: it has no body to relay.
-        first = cc.next_event() if cc.their_state is h11.SEND_BODY else _END
+        if fast:
+            first: object = _END  # a fast-path request has no body
+        else:
+            cc = client.h11
+            first = cc.next_event() if cc.their_state is h11.SEND_BODY else _END
     except BaseException:
         pool.release(conn, reusable=False)
         raise
     has_body = type(first) is not _EndOfMessage
     stats.reused = conn.requests > 0
-    stats.retryable = stats.reused and not has_body and request.method in IDEMPOTENT_METHODS
+    stats.retryable = stats.reused and not has_body and method in IDEMPOTENT_METHODS
     if netlog.active:
         _emit_socket(stats, conn, route, asked, retry=False)
     try:
         if has_body:
+            assert up_request is not None
             await _forward_with_body(
                 client, conn, up_request, first, settings, stats, trailers, tap
             )
         else:
-            try:
-                await _forward_without_body(
-                    client, conn, up_request, settings, stats, trailers, tap
-                )
-            except _StaleConnection:
-                pool.release(conn, reusable=False)
-                settings.metrics.upstream_retries.inc()
-                asked = trio.current_time() if netlog.active else None
-                conn = await pool.acquire(key, label, fresh=True)
-                stats.reused = stats.retryable = False
-                if netlog.active:
-                    _emit_socket(stats, conn, route, asked, retry=True)
-                await _forward_without_body(
-                    client, conn, up_request, settings, stats, trailers, tap
-                )
+            for attempt in (1, 2):
+                try:
+                    if up_request is None:
+                        await _forward_fast(
+                            client, conn, method, path, headers, settings, stats, trailers
+                        )
+                    else:
+                        await _forward_without_body(
+                            client, conn, up_request, settings, stats, trailers, tap
+                        )
+                    break
+                except _StaleConnection:
+                    if attempt == 2:
+                        raise ResponseIncomplete(
+                            f"the origin {stats.upstream} closed the connection without a response"
+                        ) from None
+                    pool.release(conn, reusable=False)
+                    settings.metrics.upstream_retries.inc()
+                    asked = trio.current_time() if netlog.active else None
+                    conn = await pool.acquire(key, label, fresh=True)
+                    stats.reused = stats.retryable = False
+                    if netlog.active:
+                        _emit_socket(stats, conn, route, asked, retry=True)
     except ClientGone:
         await _drain_then_release(conn, settings)
         raise
@@ -373,7 +393,22 @@ async def _drain_then_release(conn: UpstreamConnection, settings: RelaySettings)
 async def _drain(conn: UpstreamConnection, budget: int, timeout: float) -> str:
     uc = conn.h11
     outcome = "closed"
-    if uc.our_state is h11.DONE and uc.their_state is h11.DONE:
+    if uc.our_state is h11.IDLE and uc.their_state is h11.IDLE:
+        # An exchange the fast path relayed: ``fast_rest`` body bytes are still to come.
+        rest, conn.fast_rest = conn.fast_rest, 0
+        if conn.broken or rest > budget:
+            return outcome
+        with trio.move_on_after(timeout):
+            try:
+                while rest > 0:
+                    data = await conn.stream.receive_some(RECEIVE_SIZE)
+                    if not data or len(data) > rest:
+                        return outcome  # cut short, or bytes past the body: out of step
+                    rest -= len(data)
+                outcome = "reused"
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+    elif uc.our_state is h11.DONE and uc.their_state is h11.DONE:
         outcome = "reused"  # the whole response had arrived; only the client missed the end
     elif uc.our_state is h11.DONE and uc.their_state is h11.SEND_BODY and budget > 0:
         with trio.move_on_after(timeout):
@@ -420,6 +455,122 @@ async def _forward_without_body(
         stats.emit("sent", body=False)
     response = await _receive_response_head(client, conn, settings, stats)
     await _relay_response(client, conn, response, settings, stats, accepts_trailers, tap)
+
+
+async def _forward_fast(
+    client: ClientSide,
+    conn: UpstreamConnection,
+    method: bytes,
+    path: bytes,
+    headers: list[tuple[bytes, bytes]],
+    settings: RelaySettings,
+    stats: ExchangeStats,
+    accepts_trailers: bool,
+) -> None:
+    """``_forward_without_body`` for a request http.fastpath parsed: head up, response head
+    parsed by http.fastpath, body relayed by its Content-Length; neither h11 connection is
+    touched. A response outside the simple shape goes to h11 with the bytes read so far: h11 is
+    told the request it did not write (its own bytes for it are dropped), so it stands where it
+    would have, and the general path takes over."""
+    uc = conn.h11
+    if uc.our_state is not h11.IDLE or uc.their_state is not h11.IDLE or uc.trailing_data[0]:
+        # Never for a pooled socket (a finished exchange leaves h11 IDLE and empty): h11's way.
+        up_request = h11.Request(method=method, target=path, headers=headers, _parsed=True)
+        await _forward_without_body(
+            client, conn, up_request, settings, stats, accepts_trailers, None
+        )
+        return
+    if stats.reused:
+        settings.metrics.inc_upstream_reuses(1)
+    conn.requests += 1
+    try:
+        sent = await sockio.send_all(
+            conn.stream, fastpath.request_head(method, path, headers), settings.idle_read_timeout
+        )
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        if stats.retryable:
+            raise _StaleConnection from exc
+        raise ResponseIncomplete(f"the origin {stats.upstream} closed the connection") from None
+    if not sent:
+        conn.broken = True
+        raise ReadTimeout(f"sending the request to {stats.upstream} stalled")
+    timeout = settings.response_head_timeout
+    try:
+        maybe_data = await sockio.receive_within(conn.stream, timeout, wait_first=True)
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        conn.broken = True
+        if stats.retryable:
+            raise _StaleConnection from exc
+        raise ResponseIncomplete(
+            f"the connection to {stats.upstream} broke before a complete response"
+        ) from None
+    if maybe_data is None:
+        conn.broken = True
+        raise ResponseTimeout(f"no response from {stats.upstream} within {timeout:g}s")
+    data = maybe_data
+    if not data:
+        conn.broken = True
+        if stats.retryable:
+            raise _StaleConnection
+        raise ResponseIncomplete(
+            f"the origin {stats.upstream} closed the connection without a response"
+        )
+    parsed = fastpath.response_for_client(
+        data, MAX_RESPONSE_HEAD, settings.via_for_version(b"1.1"), client.is_closing()
+    )
+    if parsed is None:
+        # Off the fast path (a 1xx, chunked, close-delimited, a head in pieces...): h11 from
+        # here, as if it had written the request and received these bytes.
+        stats.retryable = False  # bytes of a response came: never a stale socket
+        uc.send(h11.Request(method=method, target=path, headers=headers, _parsed=True))
+        uc.send(_END)
+        uc.receive_data(data)
+        response = await _receive_response_head(client, conn, settings, stats)
+        await _relay_response(client, conn, response, settings, stats, accepts_trailers, None)
+        return
+    status, head, remaining, start = parsed
+    stats.first_byte_at = trio.current_time()
+    stats.status = status
+    body = data[start:] if start < len(data) else b""
+    if len(body) >= remaining:
+        if len(body) > remaining:
+            conn.broken = True  # bytes past the body: never reuse a socket out of step
+            body = body[:remaining]
+        remaining = 0
+    else:
+        remaining -= len(body)
+    stats.bytes_out += len(body)
+    idle = settings.idle_read_timeout
+    out: bytes | list[bytes] = [head, body] if len(body) >= WRITEV_MIN else head + body
+    conn.fast_rest = remaining  # for the drain, should the client leave (_drain)
+    await client.send(out, idle)
+    stats.head_sent = True
+    while remaining:
+        try:
+            data = await _receive_upstream(conn, idle)
+        except trio.TooSlowError:
+            conn.broken = True
+            raise ResponseAborted(
+                "connection_read_timeout", f"the body from {stats.upstream} stalled"
+            ) from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            conn.broken = True
+            raise ResponseAborted(
+                "http_response_incomplete", f"the connection to {stats.upstream} broke"
+            ) from None
+        if not data:
+            conn.broken = True
+            raise ResponseAborted(
+                "http_response_incomplete", f"{stats.upstream} closed the connection mid-response"
+            )
+        if len(data) > remaining:
+            conn.broken = True
+            data = data[:remaining]
+        remaining -= len(data)
+        stats.bytes_out += len(data)
+        conn.fast_rest = remaining
+        await client.send(data, idle)
+    client.fast_head = None  # answered: h11 never needs this request
 
 
 async def _forward_with_body(
@@ -542,12 +693,13 @@ async def _receive_response_head(
 ) -> h11.Response:
     uc = conn.h11
     cc = client.h11
-    got_any = False
-    received = 0
-    deadline = 0.0  # set at the first wait: the whole head (and any 1xx) within the timeout
     # Nothing buffered (the usual case: the request has just gone up): h11 could only say
-    # NEED_DATA, so go straight to the wait. Bytes the origin sent early are parsed first.
+    # NEED_DATA, so go straight to the wait. Bytes already there (sent early, or read by the
+    # fast path before it handed over) are parsed first.
     pending, closed = uc.trailing_data
+    got_any = bool(pending)
+    received = len(pending)
+    deadline = 0.0  # set at the first wait: the whole head (and any 1xx) within the timeout
     first: object = _NEED_DATA if not pending and not closed else None
     while True:
         try:

@@ -10,8 +10,9 @@ HTTP/1.1 connection has nothing to say, so a readable one was closed by the orig
 and is discarded instead of handed out — the request asks again.
 
 ``release(conn, reusable)`` is synchronous: the exchange knows whether HTTP allows reuse (h11 states
-DONE/DONE, nothing broken), and the state either hands the socket straight to the oldest waiter of
-its group (late binding) or keeps it idle. A reaper task expires idle sockets every second.
+DONE/DONE, or IDLE/IDLE after an exchange http.fastpath relayed without h11; nothing broken), and
+the state either hands the socket straight to the oldest waiter of its group (late binding) or
+keeps it idle. A reaper task expires idle sockets every second.
 
 The per-request path: with more clients of one origin than ``pool.per_group`` sockets, most
 requests wait here, so waiting is kept cheap. The common cases skip the plan (``take_idle``,
@@ -58,6 +59,7 @@ class UpstreamConnection:
         "_raw",
         "broken",
         "created_at",
+        "fast_rest",
         "h11",
         "idle_since",
         "key",
@@ -75,6 +77,9 @@ class UpstreamConnection:
         self.created_at = now
         self.idle_since = now
         self.requests = 0
+        #: Body bytes still to come when a client left an exchange http.fastpath relayed (h11
+        #: knows nothing of it): what the relay's drain reads so the socket can be reused.
+        self.fast_rest = 0
         #: Set when a write failed mid-exchange: whatever h11 believes, never reuse it.
         self.broken = False
         #: The socket waited in the idle list (so it must be checked before use).
@@ -393,14 +398,18 @@ class Pool:
             conn.close_now()  # the pool was closed meanwhile
             return
         state = conn.h11
+        ours, theirs = state.our_state, state.their_state
+        # DONE/DONE: h11 relayed a whole exchange. IDLE/IDLE: http.fastpath did, without h11
+        # (it marks the socket broken on any irregularity).
         reusable = (
             reusable
             and not conn.broken
-            and state.our_state is h11.DONE
-            and state.their_state is h11.DONE
+            and ours is theirs
+            and (ours is h11.DONE or ours is h11.IDLE)
         )
-        if reusable:
+        if reusable and ours is h11.DONE:
             state.start_next_cycle()
+        if reusable:
             waiter_id = self.state.hand_over(conn.key)
             if waiter_id is not None:
                 # Straight to the oldest waiter of the group (late binding), no plan needed.
