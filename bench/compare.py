@@ -6,6 +6,7 @@ Run it from the repository root with the project's virtualenv active::
     python bench/compare.py --quick                  # smoke run, about 2 minutes
     python bench/compare.py --report bench/RESULTS.md --json /tmp/compare.json
     python bench/compare.py --phases http,ws --peers squid   # a part of it
+    python bench/compare.py --report bench/RESULTS.md --memory-json /tmp/mb.json
 
 The question it answers: how does proxyd compare with the proxies users choose between, measured
 on the same machine, in the same run, with the same origin and the same load generator -- and does
@@ -77,6 +78,21 @@ The phases, in order (``--phases`` picks some):
    uncached and cached), on the proxy's CPU.
 7. ``workers`` -- ``workers_bench.py``: ``workers: 2`` against ``workers: 1`` (unpinned).
 
+Two targets of issue 7 need runs far longer than a comparison: "RSS flat (within 5%) over a
+10-minute soak at steady load" and "CPU per request and memory do not grow with the number of
+pooled groups, cached entries or open sessions (10 and 10,000)". ``memory_bench.py`` measures
+them (its ``soak`` and ``scaling`` parts) and writes a JSON file; ``--memory-json FILE``
+(repeatable; a later file's soak or dimension replaces an earlier one's; read and checked before
+anything runs, with any ``--phases``) puts them into the report: a "Soak" section (duration,
+warm-up, load, RSS first/last medians, growth, slope, samples, CPU µs/request, errors), a
+"Scaling" section (per dimension, 10 against 10,000: req/s, CPU µs/request, RSS, the large/small
+ratios and the RSS per extra item against its budget, ``SCALE_RSS_BUDGET_KIB``), the command and
+start time of each memory_bench run under "Machine and versions", and two rows in the targets
+table. The soak passes when its growth is within ±5 % and it ran ≥ 600 s (shorter: n/a); the
+scaling row when every dimension has CPU µs/request large/small ≤ 1.25 and RSS per extra item
+within what one item holds. Those runs are their own: their errors are shown, not counted in
+this run's exit status.
+
 Every loop is bounded in count and time (wrk by ``--duration`` plus a hard timeout, tunnel
 downloads by ``--tunnel-max-time``, WebSocket runs by their duration and a grace period, idle
 opens by a deadline); only loopback addresses are used; everything started here is stopped by
@@ -90,8 +106,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import http.client
+import itertools
 import json
 import os
 import platform
@@ -1507,6 +1525,350 @@ def as_float(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
+# --- bench/memory_bench.py's soak and scaling, read from its JSON (--memory-json) --------------
+
+#: Issue 7: "RSS flat (within 5%) over a 10-minute soak at steady load".
+SOAK_GROWTH_LIMIT: Final = 5.0  # percent, either way
+SOAK_MIN_SECONDS: Final = 600.0
+#: Issue 7: "CPU per request and memory do not grow with the number of pooled groups, cached
+#: entries or open sessions". CPU µs/request with 10,000 against 10 may be at most this (a
+#: quarter: on a shared 2-core machine interleaved runs differ by 10-20 % from noise alone).
+SCALE_CPU_LIMIT: Final = 1.25
+#: What one more held item may add to RSS (KiB): what the item itself holds, and no more; a
+#: cost per item that grew with the population (a linear scan's bookkeeping, a per-request
+#: structure sized by the population) would show as more.
+SCALE_RSS_BUDGET_KIB: Final[dict[str, tuple[float, str]]] = {
+    "groups": (
+        6.0,
+        "an origin's pool group holds one idle upstream connection, which may cost what issue 7"
+        " allows an idle client connection (6 KiB), the group's bookkeeping included",
+    ),
+    "keys": (
+        4.0,
+        "a key holds its 1 KiB body in the memory tier and the memory copy of its index row (key,"
+        " about ten stored headers, dict and filter entries: about 2.5 KiB of Python objects with"
+        " the body, measured with tracemalloc), rounded up for allocator slack",
+    ),
+    "clients": (6.0, "issue 7's target per idle keep-alive client connection"),
+    "sessions": (
+        20.0,
+        "issue 7's target per idle WebSocket session (its client and upstream connections)",
+    ),
+}
+SCALE_DIMENSIONS: Final = ("groups", "keys", "clients", "sessions")
+SCALE_ITEM: Final[dict[str, str]] = {
+    "groups": "origin",
+    "keys": "key",
+    "clients": "client",
+    "sessions": "session",
+}
+
+
+@dataclass(frozen=True, slots=True, eq=False)  # one per file, compared by identity
+class MemorySource:
+    """One ``memory_bench.py --json`` file: where it is and how it was run."""
+
+    path: str
+    environment: dict[str, str]
+
+    @property
+    def command(self) -> str:
+        return self.environment.get("command") or f"python bench/memory_bench.py (see {self.path})"
+
+    def when(self) -> str:
+        started = self.environment.get("started", "at an unrecorded time")
+        wall = self.environment.get("wall time")
+        return f"started {started}" + (f", {wall} wall" if wall else "")
+
+    def busy(self) -> float:
+        return _percent(self.environment.get("machine busy before start"))
+
+
+@dataclass(frozen=True, slots=True)
+class SoakData:
+    source: MemorySource
+    seconds: float  # asked of wrk (-d)
+    warmup: float
+    sample_seconds: float
+    samples: tuple[tuple[float, int], ...]  # (s since the load started, VmRSS bytes)
+    samples_used: int
+    start_rss: int  # median of the first 3 samples after the warm-up
+    end_rss: int  # median of the last 3
+    max_rss: int
+    after_load_rss: int
+    growth_percent: float
+    slope_kib_per_minute: float
+    requests: int | None  # None: the load did not complete
+    load_seconds: float | None
+    rps: float | None
+    cpu_us_per_request: float | None
+    load_errors: dict[str, int]
+    errors: tuple[str, ...]
+    websocket_sessions: int
+    client_batches: int
+    load_description: str
+
+    def error_count(self) -> int:
+        return len(self.errors) + sum(self.load_errors.values()) + (self.requests is None)
+
+    def verdict(self) -> str:
+        if self.requests is None:
+            return "n/a (the load did not complete)"
+        if self.seconds < SOAK_MIN_SECONDS:
+            return f"n/a (soak of {self.seconds:.0f} s)"
+        return "PASS" if abs(self.growth_percent) <= SOAK_GROWTH_LIMIT else "FAIL"
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleSide:
+    """One population (the small or the large one) of a scaling dimension."""
+
+    count: int
+    requested: int
+    held: int
+    rss_before: int  # fresh proxyd after a warm-up
+    rss_after: int  # with the population held, before the load runs
+    rss_end: int  # after the load runs, population still held
+    rps: list[float]  # per round
+    cpu: list[float]  # CPU µs/request per round
+    errors: list[str]
+
+    @property
+    def rps_median(self) -> float | None:
+        return median_or_none(list(self.rps))
+
+    @property
+    def cpu_median(self) -> float | None:
+        return median_or_none(list(self.cpu))
+
+    @property
+    def added(self) -> int:
+        return self.rss_after - self.rss_before
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleDimension:
+    source: MemorySource
+    dimension: str
+    small: ScaleSide
+    large: ScaleSide
+    rounds: int
+    seconds_per_run: float
+    load_description: str
+
+    @property
+    def cpu_ratio(self) -> float | None:
+        return ratio(self.large.cpu_median, self.small.cpu_median)
+
+    @property
+    def rps_ratio(self) -> float | None:
+        return ratio(self.large.rps_median, self.small.rps_median)
+
+    @property
+    def budget_kib(self) -> float:
+        return SCALE_RSS_BUDGET_KIB[self.dimension][0]
+
+    @property
+    def kib_per_extra_item(self) -> float | None:
+        """(RSS added by the large population - by the small one) / the items between them."""
+        extra = self.large.count - self.small.count
+        return (self.large.added - self.small.added) / extra / KIB if extra > 0 else None
+
+    def failures(self) -> list[str]:
+        """Why this dimension fails the target ([] = passes); ``n/a`` when not measurable."""
+        cpu, per = self.cpu_ratio, self.kib_per_extra_item
+        if cpu is None or per is None:
+            return ["n/a"]
+        why = []
+        if cpu > SCALE_CPU_LIMIT:
+            why.append(f"CPU {cpu:.3f}x > {SCALE_CPU_LIMIT:g}x")
+        if per > self.budget_kib:
+            why.append(f"{per:.1f} KiB/{SCALE_ITEM[self.dimension]} > {self.budget_kib:g}")
+        return why
+
+    def verdict(self) -> str:
+        why = self.failures()
+        return "n/a" if why == ["n/a"] else "FAIL" if why else "PASS"
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryBench:
+    """The soak and the scaling dimensions of one or more memory_bench.py JSON files (a later
+    file's soak, or dimension, replaces an earlier one's)."""
+
+    sources: tuple[MemorySource, ...]
+    soak: SoakData | None
+    scaling: tuple[ScaleDimension, ...]
+
+    def parts_of(self, source: MemorySource) -> str:
+        parts = (["soak"] if self.soak is not None and self.soak.source is source else []) + [
+            d.dimension for d in self.scaling if d.source is source
+        ]
+        return ", ".join(parts) or "nothing used"
+
+
+def _int(value: object, default: int = 0) -> int:
+    return int(value) if isinstance(value, int | float) else default
+
+
+def _float(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _soak_of(source: MemorySource, soak: dict[str, object]) -> SoakData:
+    raw_samples = soak.get("samples")
+    samples = tuple(
+        (float(t), int(rss))
+        for t, rss in (raw_samples if isinstance(raw_samples, list) else [])
+        if isinstance(t, int | float) and isinstance(rss, int | float)
+    )
+    warmup = _float(soak.get("warmup")) or 0.0
+    # Older files lack the sampling interval and the count used: derive them.
+    times = [t for t, _ in samples]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    raw_load = soak.get("load")
+    load = raw_load if isinstance(raw_load, dict) else None
+    load_errors = load.get("errors") if load is not None else None
+    errors = soak.get("errors")
+    return SoakData(
+        source=source,
+        seconds=_float(soak.get("seconds")) or 0.0,
+        warmup=warmup,
+        sample_seconds=_float(soak.get("sample_seconds")) or median_or_none(gaps) or 0.0,
+        samples=samples,
+        samples_used=_int(soak.get("samples_used"), sum(t >= warmup for t in times)),
+        start_rss=_int(soak.get("start_rss")),
+        end_rss=_int(soak.get("end_rss")),
+        max_rss=_int(soak.get("max_rss")),
+        after_load_rss=_int(soak.get("after_load_rss")),
+        growth_percent=_float(soak.get("growth_percent")) or 0.0,
+        slope_kib_per_minute=_float(soak.get("slope_kib_per_minute")) or 0.0,
+        requests=_int(load.get("requests")) if load is not None else None,
+        load_seconds=_float(load.get("seconds")) if load is not None else None,
+        rps=_float(load.get("rps")) if load is not None else None,
+        cpu_us_per_request=_float(load.get("cpu_us_per_request")) if load is not None else None,
+        load_errors=(
+            {str(k): _int(v) for k, v in load_errors.items()}
+            if isinstance(load_errors, dict)
+            else {}
+        ),
+        errors=tuple(str(e) for e in errors) if isinstance(errors, list) else (),
+        websocket_sessions=_int(soak.get("websocket_sessions")),
+        client_batches=_int(soak.get("client_batches")),
+        load_description=str(soak.get("load_description") or ""),
+    )
+
+
+def _scaling_of(
+    source: MemorySource, scaling: dict[str, object], args: dict[str, object]
+) -> list[ScaleDimension]:
+    pops = [p for p in _list(scaling.get("populations")) if isinstance(p, dict)]
+    runs = [r for r in _list(scaling.get("runs")) if isinstance(r, dict)]
+    dimensions = []
+    for dimension in SCALE_DIMENSIONS:
+        mine = sorted(
+            (p for p in pops if p.get("dimension") == dimension), key=lambda p: _int(p["count"])
+        )
+        if len(mine) < 2:
+            continue
+        sides = []
+        for pop in (mine[0], mine[-1]):
+            count = _int(pop.get("count"))
+            loads = [
+                r["load"]
+                for r in runs
+                if r.get("dimension") == dimension
+                and _int(r.get("count")) == count
+                and isinstance(r.get("load"), dict)
+            ]
+            errors = [str(e) for e in _list(pop.get("errors"))]
+            for load in loads:
+                errors += [f"{k}={v}" for k, v in _dict(load.get("errors")).items() if v]
+            sides.append(
+                ScaleSide(
+                    count=count,
+                    requested=_int(pop.get("requested"), count),
+                    held=_int(pop.get("held")),
+                    rss_before=_int(pop.get("rss_before")),
+                    rss_after=_int(pop.get("rss_after")),
+                    rss_end=_int(pop.get("rss_end")),
+                    rps=[v for v in (_float(load.get("rps")) for load in loads) if v is not None],
+                    cpu=[
+                        v
+                        for v in (_float(load.get("cpu_us_per_request")) for load in loads)
+                        if v is not None
+                    ],
+                    errors=errors,
+                )
+            )
+        dimensions.append(
+            ScaleDimension(
+                source=source,
+                dimension=dimension,
+                small=sides[0],
+                large=sides[1],
+                rounds=max(
+                    (_int(r.get("round")) for r in runs if r.get("dimension") == dimension),
+                    default=0,
+                ),
+                seconds_per_run=_float(scaling.get("seconds_per_run"))
+                or _float(args.get("duration"))
+                or median_or_none(  # an older file: how long wrk ran
+                    [
+                        _float(_dict(r.get("load")).get("seconds"))
+                        for r in runs
+                        if r.get("dimension") == dimension
+                    ]
+                )
+                or 0.0,
+                load_description=str(
+                    scaling.get("load")
+                    or f"wrk -t 1 -c 50, 1 KiB through proxyd (see {source.path})"
+                ),
+            )
+        )
+    return dimensions
+
+
+def _list(value: object) -> list[object]:
+    return value if isinstance(value, list) else []
+
+
+def _dict(value: object) -> dict[str, object]:
+    return value if isinstance(value, dict) else {}
+
+
+def load_memory_bench(paths: Sequence[str]) -> MemoryBench:
+    """Read memory_bench.py's JSON files; a later file's soak or dimension replaces an earlier
+    one's. BenchError when a file cannot be read or holds neither a soak nor scaling results."""
+    sources: list[MemorySource] = []
+    soak: SoakData | None = None
+    scaling: dict[str, ScaleDimension] = {}
+    for path in paths:
+        try:
+            document = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise BenchError(f"--memory-json {path}: {exc}") from None
+        if not isinstance(document, dict):
+            raise BenchError(f"--memory-json {path}: not a memory_bench.py --json file")
+        env = {str(k): str(v) for k, v in _dict(document.get("environment")).items()}
+        source = MemorySource(path, env)
+        found = False
+        if isinstance(document.get("soak"), dict):
+            soak, found = _soak_of(source, document["soak"]), True
+        args = _dict(document.get("args"))
+        for dimension in _scaling_of(source, _dict(document.get("scaling")), args):
+            scaling[dimension.dimension], found = dimension, True
+        if not found:
+            raise BenchError(
+                f"--memory-json {path}: no soak and no scaling results in it (run"
+                " memory_bench.py with --only soak,scaling)"
+            )
+        sources.append(source)
+    ordered = tuple(scaling[d] for d in SCALE_DIMENSIONS if d in scaling)
+    return MemoryBench(tuple(sources), soak, ordered)
+
+
 # --- reporting ------------------------------------------------------------------------------------
 
 
@@ -1547,6 +1909,9 @@ class Results:
     memory: list[MemoryRun] = field(default_factory=list)
     pac: dict[str, float] = field(default_factory=dict)
     workers: list[dict[str, object]] = field(default_factory=list)
+    #: memory_bench.py's soak and scaling (--memory-json): another run, rendered but not
+    #: counted in this run's exit status
+    memory_bench: MemoryBench | None = None
 
     def http_median(self, scenario: str, target: str, attr: str) -> float | None:
         runs = self.cache if any(r.scenario == scenario for r in self.cache) else self.http
@@ -1809,8 +2174,14 @@ class Target:
     limit: float
     unit: str
     detail: str
+    #: for a target that is not one number against one limit: what the three columns say
+    measured_text: str = ""
+    required_text: str = ""
+    verdict_text: str = ""
 
     def verdict(self) -> str:
+        if self.verdict_text:
+            return self.verdict_text
         if self.measured is None:
             return "n/a"
         ok = self.measured >= self.limit if self.op == ">=" else self.measured <= self.limit
@@ -1934,7 +2305,101 @@ def targets_of(results: Results) -> list[Target]:
             f"{fmt(sess, 1)} KiB",
         ),
     ]
-    return targets
+    memory = results.memory_bench
+    return [
+        *targets,
+        soak_target(memory.soak if memory else None),
+        scaling_target(memory.scaling if memory else ()),
+    ]
+
+
+def soak_target(soak: SoakData | None) -> Target:
+    text = f"RSS flat within {SOAK_GROWTH_LIMIT:g}% over a 10-minute soak"
+    required = f"\\|growth\\| ≤ {SOAK_GROWTH_LIMIT:g} % over ≥ {SOAK_MIN_SECONDS:.0f} s"
+    if soak is None:
+        return Target(
+            text,
+            None,
+            "<=",
+            SOAK_GROWTH_LIMIT,
+            " %",
+            "not given: `python bench/memory_bench.py --only soak --json FILE`, then"
+            " `--memory-json FILE`",
+            required_text=required,
+            verdict_text="n/a (no soak)",
+        )
+    errors = soak.error_count()
+    return Target(
+        text,
+        abs(soak.growth_percent),
+        "<=",
+        SOAK_GROWTH_LIMIT,
+        " %",
+        f"RSS {soak.start_rss / MIB:.1f} → {soak.end_rss / MIB:.1f} MiB (medians of 3 samples,"
+        f" after a {soak.warmup:.0f} s warm-up), slope {soak.slope_kib_per_minute:+,.1f} KiB/min;"
+        f" {fmt(soak.rps)} req/s, errors {errors or 'none'} (section Soak)",
+        measured_text=f"{soak.growth_percent:+.2f} % in {soak.seconds:.0f} s",
+        required_text=required,
+        verdict_text=soak.verdict(),
+    )
+
+
+def scaling_target(dimensions: Sequence[ScaleDimension]) -> Target:
+    text = "CPU/request and RSS do not grow 10 → 10,000"
+    budgets = ", ".join(
+        f"{d} {SCALE_RSS_BUDGET_KIB[d][0]:g}"
+        for d in SCALE_DIMENSIONS
+        if not dimensions or d in {x.dimension for x in dimensions}
+    )
+    required = (
+        f"each dimension: CPU µs/req large/small ≤ {SCALE_CPU_LIMIT:g}x, RSS per extra item"
+        f" ≤ what it holds ({budgets} KiB)"
+    )
+    if not dimensions:
+        return Target(
+            text,
+            None,
+            "<=",
+            SCALE_CPU_LIMIT,
+            "x",
+            "not given: `python bench/memory_bench.py --only scaling --json FILE`, then"
+            " `--memory-json FILE`",
+            required_text=required,
+            verdict_text="n/a (no scaling run)",
+        )
+    verdicts = [d.verdict() for d in dimensions]
+    verdict = "FAIL" if "FAIL" in verdicts else "n/a" if "n/a" in verdicts else "PASS"
+    worst_cpu = max((d.cpu_ratio for d in dimensions if d.cpu_ratio is not None), default=None)
+    worst_rss = max(
+        (d.kib_per_extra_item / d.budget_kib for d in dimensions if d.kib_per_extra_item),
+        default=None,
+    )
+    parts = []
+    for d in dimensions:
+        why = d.failures()
+        per = d.kib_per_extra_item
+        errors = len(d.small.errors) + len(d.large.errors)
+        parts.append(
+            f"{d.dimension} {d.small.count:,} → {d.large.count:,}: CPU"
+            f" {fmt(d.cpu_ratio, 3)}x, {fmt(per, 1)} KiB/{SCALE_ITEM[d.dimension]}"
+            + (f", {errors} error(s)" if errors else "")
+            + (f" ({d.verdict()}: {'; '.join(why)})" if why and why != ["n/a"] else "")
+        )
+    missing = [d for d in SCALE_DIMENSIONS if d not in {x.dimension for x in dimensions}]
+    if missing:
+        parts.append(f"not measured: {', '.join(missing)}")
+    return Target(
+        text,
+        worst_cpu,
+        "<=",
+        SCALE_CPU_LIMIT,
+        "x",
+        "; ".join(parts) + " (section Scaling)",
+        measured_text=f"CPU up to {fmt(worst_cpu, 3)}x; RSS/item up to"
+        f" {fmt(None if worst_rss is None else 100 * worst_rss)} % of its budget",
+        required_text=required,
+        verdict_text=verdict,
+    )
 
 
 def targets_table(results: Results) -> list[str]:
@@ -1943,11 +2408,185 @@ def targets_table(results: Results) -> list[str]:
         "|---|---:|---:|---|---|",
     ]
     for t in targets_of(results):
+        measured = t.measured_text or (
+            f"{fmt(t.measured, 2)}{t.unit if t.measured is not None else ''}"
+        )
         lines.append(
-            f"| {t.text} | {fmt(t.measured, 2)}{t.unit if t.measured is not None else ''}"
-            f" | {t.op} {t.limit:g}{t.unit}"
+            f"| {t.text} | {measured} | {t.required_text or f'{t.op} {t.limit:g}{t.unit}'}"
             f" | **{t.verdict()}** | {t.detail} |"
         )
+    return lines
+
+
+def memory_bench_sections(memory: MemoryBench) -> list[str]:
+    """The soak and the scaling check of memory_bench.py (its own run, given with
+    --memory-json), each with the command and time of the run it comes from."""
+    lines: list[str] = []
+    if memory.soak is not None:
+        lines += soak_section(memory.soak)
+    if memory.scaling:
+        lines += scaling_section(memory.scaling)
+    return lines
+
+
+def source_line(source: MemorySource) -> str:
+    env = source.environment
+    line = (
+        f"From `{source.command}`, {source.when()}; proxyd {env.get('proxyd', '?')};"
+        f" {env.get('machine', '?')}; {env.get('pinning', 'pinning unknown')}; machine busy"
+        f" before start {env.get('machine busy before start', '?')}."
+    )
+    if source.busy() > 10:
+        line += " **The machine was busy: the numbers are noisy.**"
+    return line
+
+
+def rss_samples_line(soak: SoakData, at_most: int = 24) -> str:
+    """The RSS samples, thinned to ``at_most`` evenly spaced ones (the first, the last and the
+    first after the warm-up always kept); ``|`` marks the end of the warm-up."""
+    samples = soak.samples
+    if not samples:
+        return "no RSS samples"
+    keep = {0, len(samples) - 1}
+    keep |= {round(i * (len(samples) - 1) / (at_most - 1)) for i in range(at_most)}
+    first_used = next((i for i, (t, _) in enumerate(samples) if t >= soak.warmup), None)
+    if first_used is not None:
+        keep.add(first_used)
+    words = []
+    for i in sorted(keep):
+        t, rss = samples[i]
+        mark = "| " if i == first_used and i > 0 else ""
+        words.append(f"{mark}{t:.0f} s {rss / MIB:.1f}")
+    thinned = "" if len(keep) == len(samples) else f", {len(keep)} of {len(samples)} shown"
+    return (
+        f"RSS samples (MiB at s since the load started, every {soak.sample_seconds:g} s{thinned};"
+        f" `|` = end of the warm-up): " + ", ".join(words)
+    )
+
+
+def soak_section(soak: SoakData) -> list[str]:
+    load = (
+        f"{soak.requests:,} requests in {fmt(soak.load_seconds, 1)} s"
+        if soak.requests is not None
+        else "the load did not complete"
+    )
+    span = (soak.samples[-1][0] - soak.warmup) if soak.samples else 0.0
+    over_span = (
+        soak.slope_kib_per_minute * span / 60 * KIB / soak.start_rss * 100
+        if soak.start_rss
+        else None
+    )
+    lines = [
+        "",
+        "## Soak (bench/memory_bench.py)",
+        "",
+        source_line(soak.source),
+        "",
+        f"A fresh proxyd under steady load for {soak.seconds:.0f} s: {soak.load_description}."
+        f" VmRSS every {soak.sample_seconds:g} s; the first {soak.warmup:.0f} s are warm-up (the"
+        f" cache fills to its bounds, pools and allocator arenas reach their working size); the"
+        f" growth is the median of the last 3 samples against the median of the first 3 after"
+        f" the warm-up, the slope a least-squares fit over the same {soak.samples_used} samples."
+        f" CPU per request includes the WebSocket and idle-client churn.",
+        "",
+        "| soak | warm-up | load | req/s | CPU µs/request | RSS first 3 (median) | RSS last 3"
+        " (median) | growth | slope | RSS max | after the load | errors |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"| {soak.seconds:.0f} s | {soak.warmup:.0f} s | {load} | {fmt(soak.rps)}"
+        f" | {fmt(soak.cpu_us_per_request, 1)} | {soak.start_rss / MIB:.1f} MiB"
+        f" | {soak.end_rss / MIB:.1f} MiB | **{soak.growth_percent:+.2f} %**"
+        f" | {soak.slope_kib_per_minute:+,.1f} KiB/min"
+        + (f" ({over_span:+.2f} % over {span:.0f} s)" if over_span is not None else "")
+        + f" | {soak.max_rss / MIB:.1f} MiB | {soak.after_load_rss / MIB:.1f} MiB"
+        f" | {soak.error_count() or 'none'} |",
+        "",
+        f"Meanwhile {soak.websocket_sessions:,} WebSocket sessions were opened, echoed through and"
+        f" closed, and {soak.client_batches:,} batches of 200 idle clients opened and dropped.",
+        "",
+        rss_samples_line(soak),
+    ]
+    if soak.error_count():
+        counted = collections.Counter(soak.errors)
+        lines += ["", "Errors during the soak:", ""]
+        lines += [f"- wrk/proxyd: {errors_text([soak.load_errors])}"] if soak.load_errors else []
+        lines += [f"- x{n}: {text}" for text, n in counted.most_common(5)]
+        if soak.requests is None:
+            lines.append("- the load (wrk) did not complete")
+    return lines
+
+
+def scaling_section(dimensions: Sequence[ScaleDimension]) -> list[str]:
+    first = dimensions[0]
+    lines = [
+        "",
+        "## Scaling: 10 against 10,000 (bench/memory_bench.py)",
+        "",
+    ]
+    for source in dict.fromkeys(d.source for d in dimensions):
+        mine = ", ".join(d.dimension for d in dimensions if d.source is source)
+        lines += [f"{mine}: {source_line(source)}", ""]
+    plans = {d.dimension: f"{d.rounds} round(s) of {d.seconds_per_run:.3g} s" for d in dimensions}
+    rounds = (
+        next(iter(plans.values()))
+        if len(set(plans.values())) == 1
+        else ", ".join(f"{k} {v}" for k, v in plans.items())
+    )
+    lines += [
+        f"Load: {first.load_description}; {rounds}. `groups`: distinct origins, each a pool group"
+        " with an idle upstream socket, requested round-robin; `keys`: distinct stored cache"
+        " keys, all hits; `clients`: idle keep-alive client connections held beside the load;"
+        " `sessions`: idle WebSocket sessions held beside it. RSS before is the fresh proxyd"
+        " after a warm-up (for `groups` it includes the config's `dns.hosts` entry per origin);"
+        " added is what holding the population added; during the runs is the change while the"
+        " load ran with the population held.",
+        "",
+        "| dimension | count (held) | req/s | per round | CPU µs/request | RSS before MiB"
+        " | RSS added MiB | during the runs KiB | errors |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for d in dimensions:
+        for side in (d.small, d.large):
+            capped = (
+                f", {side.requested:,} asked (file descriptors)"
+                if side.requested > side.count
+                else ""
+            )
+            errs = (
+                f"{len(side.errors)}: {'; '.join(sorted(set(side.errors))[:2])}"
+                if side.errors
+                else "none"
+            )
+            lines.append(
+                f"| {d.dimension} | {side.count:,} ({side.held:,}{capped}) | {fmt(side.rps_median)}"
+                f" | {', '.join(fmt(v) for v in side.rps)} | {fmt(side.cpu_median, 1)}"
+                f" | {side.rss_before / MIB:.1f} | {side.added / MIB:.1f}"
+                f" | {(side.rss_end - side.rss_after) / KIB:+,.0f} | {errs} |"
+            )
+    lines += [
+        "",
+        "| dimension | req/s large/small | CPU µs/request large/small"
+        f" (≤ {SCALE_CPU_LIMIT:g}) | RSS per extra item KiB (≤ budget) | result |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for d in dimensions:
+        why = d.failures()
+        lines.append(
+            f"| {d.dimension} | {fmt(d.rps_ratio, 3)}x | {fmt(d.cpu_ratio, 3)}x"
+            f" | {fmt(d.kib_per_extra_item, 1)} (≤ {d.budget_kib:g})"
+            f" | **{d.verdict()}**{': ' + '; '.join(why) if why and why != ['n/a'] else ''} |"
+        )
+    lines += [
+        "",
+        "RSS per extra item = (RSS added by the large population - by the small one) / (large -"
+        " small count). The budget is what one item holds, so a larger figure means something"
+        " grows with the population beyond the items themselves:",
+        "",
+        *(
+            f"- {d.dimension}: {d.budget_kib:g} KiB per {SCALE_ITEM[d.dimension]}:"
+            f" {SCALE_RSS_BUDGET_KIB[d.dimension][1]}."
+            for d in dimensions
+        ),
+    ]
     return lines
 
 
@@ -1990,6 +2629,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--report", metavar="FILE", help="also write the markdown report here")
     parser.add_argument("--json", metavar="FILE", help="also write every run here")
+    parser.add_argument(
+        "--memory-json",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="a `memory_bench.py --json` file whose soak and scaling results go into the report"
+        " and the targets table (repeat it to combine files; a later file's soak or dimension"
+        " replaces an earlier one's); works with any --phases",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     args = parser.parse_args(argv)
     if args.quick:
@@ -2019,6 +2667,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for ok, message in checks:
         if not ok:
             parser.error(message)
+    # Read now, so a wrong file stops the comparison before it runs for minutes.
+    try:
+        args.memory_bench = load_memory_bench(args.memory_json) if args.memory_json else None
+    except BenchError as exc:
+        parser.error(str(exc))
     return args
 
 
@@ -2056,6 +2709,12 @@ def environment(tools: Tools, pinning: Pinning, args: argparse.Namespace) -> dic
     }
     for peer, why in tools.missing.items():
         env[peer] = f"NOT MEASURED: {why}"
+    memory: MemoryBench | None = args.memory_bench
+    if memory is not None:
+        for source in memory.sources:
+            env[f"memory_bench.py ({memory.parts_of(source)})"] = (
+                f"`{source.command}`, {source.when()} (its own run; --memory-json {source.path})"
+            )
     busy = hb.machine_busy_percent()
     env["machine busy before start"] = f"{busy:.0f}% of all CPUs (loadavg {os.getloadavg()[0]:.2f})"
     for key, value in env.items():
@@ -2077,7 +2736,7 @@ def run(args: argparse.Namespace) -> int:
     if pinning.load_prefix:
         os.sched_setaffinity(0, {int(pinning.load_prefix[-1])})  # this process is load, too
     busy_start, own_start = busy_jiffies(), own_cpu_seconds()
-    results = Results()
+    results = Results(memory_bench=args.memory_bench)
     phases = args.phase_list
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="proxyd-compare-")))
@@ -2138,7 +2797,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         document = {
             "environment": env,
-            "args": {k: str(v) for k, v in vars(args).items()},
+            "args": {k: str(v) for k, v in vars(args).items() if k != "memory_bench"},
             "not_measured": dead,
             "http": [asdict(r) for r in results.http],
             "cache": [asdict(r) for r in results.cache],
@@ -2149,6 +2808,7 @@ def run(args: argparse.Namespace) -> int:
             "pac": results.pac,
             "workers": results.workers,
             "targets": [{**asdict(t), "verdict": t.verdict()} for t in targets_of(results)],
+            "memory_bench": asdict(results.memory_bench) if results.memory_bench else None,
         }
         Path(args.json).write_text(json.dumps(document, indent=2) + "\n")
         print(f"# wrote {args.json}")
@@ -2239,6 +2899,8 @@ def build_report(
         lines += [
             f"- {label}: {why.splitlines()[0] if why else why}" for label, why in dead.items()
         ]
+    if results.memory_bench is not None:
+        lines += memory_bench_sections(results.memory_bench)
     noisy_logs = {k: [ln for ln in v if "Pinger" not in ln][-5:] for k, v in logs.items() if v}
     if any(noisy_logs.values()) and not args.report:
         lines += ["", "Output of the proxies (last lines each):", ""]

@@ -22,6 +22,16 @@ response head is waited for, then read; timeouts need no cancel scope per wait),
 nothing it would answer with NEED_DATA anyway, request fields are copied only when fields are
 added, and the head, body and end of a small response leave in one write.
 
+The fast path (``_forward_fast``, ``http.fastpath``): a GET that ``http.fastpath`` parsed (the
+client side never made an h11 connection for it), with no cache tap and no NetLog capture, goes
+up as bytes ``fastpath.request_head`` writes; when the answer's head is whole in the first read and
+has the simple shape (HTTP/1.1, a Content-Length, nothing that needs h11), its head is rewritten
+for the client by ``fastpath.response_for_client`` and the body relayed by count, and neither h11
+connection is touched: both stay IDLE, which the pool takes as reusable. Anything else hands the
+bytes read so far to h11 (told of the request it did not write, so it stands where it would
+have) and the general path finishes the exchange. Half of the CPU of a proxied small GET was h11's
+state machine; this is most of why a 1 KiB request costs ~90 µs and not ~180.
+
 Failure rules: before the client has seen a byte of the final response, a failure becomes a
 ``ProxydError`` (an error response with Proxy-Status). After that, the client connection is cut
 (``ResponseAborted``) so a truncated body can never look complete. A reused socket that fails

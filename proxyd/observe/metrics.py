@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Final, Literal, Protocol
+from typing import Final, Literal, Protocol, cast
 
 from prometheus_client import (
     CollectorRegistry,
@@ -49,6 +49,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from prometheus_client.values import MutexValue
 
 from proxyd import __version__
 
@@ -443,21 +444,53 @@ class Metrics:
         return generate_latest(self._stats_registry)
 
 
+class _UnlockedAdd:
+    """``MutexValue.inc`` without its lock, for values only the event loop's thread changes.
+
+    prometheus_client's in-process value (``MutexValue``) takes a ``threading.Lock`` on every
+    ``inc`` so that threads may share it. The per-request counters and histograms are changed
+    only by the trio thread (worker threads -- the cache's disk I/O, DNS -- never touch them),
+    and a scrape reads them under the lock from that same thread, so the lock guards against
+    nothing there; without it an update is one attribute add. Multiprocess values (mmap files,
+    ``workers: N``) keep their own ``inc``."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: object) -> None:
+        self._value = value
+
+    def __call__(self, amount: float) -> None:
+        self._value._value += amount  # type: ignore[attr-defined]
+
+
+def _value_add(value: object) -> Callable[[float], None]:
+    if type(value) is MutexValue and hasattr(value, "_value"):
+        return _UnlockedAdd(value)
+    inc = getattr(value, "inc", None)
+    if not callable(inc):
+        raise AttributeError("inc")
+    return cast(Callable[[float], None], inc)
+
+
 def fast_inc(counter: Counter) -> Callable[[float], None]:
-    """``counter.inc`` for the per-request path: its value's own ``inc`` (one call, not three).
-    For a child (or a metric without labels) and non-negative amounts only. Falls back to
-    ``counter.inc`` should prometheus_client's internals ever change shape."""
-    inc = getattr(getattr(counter, "_value", None), "inc", None)
-    return inc if callable(inc) else counter.inc
+    """``counter.inc`` for the per-request path: an add on its value (one call, not three, and
+    no lock: ``_UnlockedAdd``). For a child (or a metric without labels), non-negative amounts
+    and the event loop's thread only. Falls back to ``counter.inc`` should prometheus_client's
+    internals ever change shape."""
+    try:
+        return _value_add(counter._value)
+    except AttributeError:
+        return counter.inc
 
 
 def fast_observe(histogram: Histogram) -> Callable[[float], None]:
     """``histogram.observe`` for the per-request path: the sum and the one bucket the amount
-    falls in (``bisect``, where ``observe`` scans the bounds), on the child's value objects."""
+    falls in (``bisect``, where ``observe`` scans the bounds), on the child's value objects
+    (without their lock, like ``fast_inc``)."""
     try:
-        add_sum = histogram._sum.inc
+        add_sum = _value_add(histogram._sum)
         bounds = list(histogram._upper_bounds)
-        add_bucket = [bucket.inc for bucket in histogram._buckets]
+        add_bucket = [_value_add(bucket) for bucket in histogram._buckets]
     except AttributeError:
         return histogram.observe
     if len(bounds) != len(add_bucket) or not bounds or bounds[-1] != float("inf"):
