@@ -177,6 +177,12 @@ def test_dockerfile_arguments_base_and_pip() -> None:
     assert len(install) == 1
     assert "${PIP_ARGS}" in install[0].arguments
     assert "--constraint /src/deploy/requirements.txt" in install[0].arguments
+    # The image gets the compiled h11 (the `fast` extra), pinned like everything else, and the
+    # build checks that it imports.
+    assert "'/src[fast]'" in install[0].arguments
+    assert "import h11_mypyc" in install[0].arguments
+    pins = (DEPLOY / "requirements.txt").read_text("utf-8").splitlines()
+    assert any(line.startswith("h11-mypyc==") for line in pins)
 
 
 def test_image_matches_its_config() -> None:
@@ -282,7 +288,8 @@ def test_dockerignore_keeps_the_context_to_what_the_build_installs() -> None:
 
 
 def runtime_distributions() -> dict[str, set[Requirement]]:
-    """Every distribution proxyd needs at run time on this Python -> the requirements naming it.
+    """Every distribution the image's proxyd needs at run time on this Python (the dependencies
+    and the ``fast`` extra) -> the requirements naming it.
 
     The first level comes from pyproject.toml (the source of truth); deeper levels from the
     installed distributions' metadata, only where the installed version is the pinned one (the
@@ -290,7 +297,14 @@ def runtime_distributions() -> dict[str, set[Requirement]]:
     pins = pinned_versions()
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text("utf-8"))
     wanted: dict[str, set[Requirement]] = {}
-    todo = [Requirement(text) for text in pyproject["project"]["dependencies"]]
+    # The image installs the `fast` extra (see the Dockerfile) as well as the dependencies.
+    todo = [
+        Requirement(text)
+        for text in [
+            *pyproject["project"]["dependencies"],
+            *pyproject["project"]["optional-dependencies"]["fast"],
+        ]
+    ]
     while todo:
         requirement = todo.pop()
         if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
