@@ -7,6 +7,12 @@ How it works: ``ClientConnection.run`` loops over requests on one keep-alive con
   idle too long, so the wait itself carries no timer); once a byte arrived, the whole head must
   arrive within ``client.timeouts.head`` (slowloris). Raw bytes of the head are vetted by
   ``http.messages.check_head_bytes`` (bare LF, obs-fold, size) before h11 parses them.
+- The fast path: a request whose whole head came in one read and has the simple shape of
+  ``http.fastpath`` (a plain GET, nothing after the head) is parsed there and kept as
+  ``fast_head``, and no h11 connection is made for it. The ``h11`` property gives h11 the head the
+  first time anything needs h11's state (an error response, the cache, a response off the fast
+  path); the fast relay (``http.relay._forward_fast``) clears ``fast_head`` when it has answered,
+  and the connection goes back to waiting as if h11 had seen nothing.
 - Dispatch: access checks (ACL verdict from accept time, proxy auth), then CONNECT goes to
   ``_serve_connect`` (http.tunnel), everything else through ``http.rules`` to
   ``http.relay.forward``.
@@ -80,7 +86,7 @@ from proxyd.observe.netlog import NETLOG_OFF, NetLog
 from proxyd.routing.router import Router
 from proxyd.upstream.route import Route, RouteList, route_kind
 from proxyd.websocket.handshake import check_client_upgrade, is_websocket_upgrade
-from proxyd.websocket.relay import Session
+from proxyd.websocket.relay import Session, close_stream
 from proxyd.websocket.upgrade import (
     Sniffed,
     UpgradeContext,
@@ -498,27 +504,60 @@ class ClientConnection:
 
     async def _read_request(self) -> _h11.Request | None:
         """Next request head, or None when the client closed (or idled out) between requests."""
-        cc = self.h11
+        cc = self._h11
+        services = self.services
+        config = services.config.client
+        max_head = config.max_head_size
+        if cc is _WAITING:
+            # Between requests with nothing buffered (the usual case). We just answered the
+            # previous request, so the next one cannot be here yet: wait, then read
+            # (http.sockio), rather than a read that fails first. The idle timeout and draining
+            # end the wait through IdleConnections.
+            if services.draining:
+                return None
+            idle = services.idle
+            idle.add(self, trio.current_time())
+            try:
+                data = await sockio.read_after_wait(self.stream)
+            except trio.ClosedResourceError:
+                return None  # keep-alive idle timeout, or draining
+            finally:
+                idle.discard(self)
+            if not data:
+                return None
+            # The common request, whole in one read: no h11 connection at all unless something
+            # needs one later (the h11 property).
+            fast = fastpath.parse_request(data, max_head)
+            if fast is not None:
+                self.fast_head = data
+                return fast
+            # A request starts: its own h11 connection, and the general way below.
+            cc = self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
+            head_checked = check_head_bytes(data, max_head) != HEAD_INCOMPLETE
+            cc.receive_data(data)
+            return await self._read_request_head(cc, data, head_checked, waited=True)
+        pending = cc.trailing_data[0]
+        # Pipelined bytes: their head is checked, and the head timeout starts now.
+        head_checked = bool(pending) and check_head_bytes(pending, max_head) != HEAD_INCOMPLETE
+        return await self._read_request_head(cc, pending, head_checked, waited=False)
+
+    async def _read_request_head(
+        self,
+        cc: _h11.Connection,
+        scan: bytes | bytearray,
+        head_checked: bool,
+        *,
+        waited: bool,
+    ) -> _h11.Request | None:
+        """The rest of ``_read_request`` when h11 parses: ``cc`` holds ``scan`` (the head so
+        far; empty only when nothing was buffered and the client closed its side), which has
+        started the head timeout."""
         config = self.services.config.client
         max_head = config.max_head_size
-        pending, closed = cc.trailing_data
-        scan: bytes | bytearray = pending
-        head_checked = False
-        # Part of a head (pipelined bytes, or a first read that did not complete it) starts the
-        # head timeout; the clock is read then, not for the common request that comes whole.
-        started_head = bool(scan)
         head_deadline: float | None = None
-        if scan:
-            head_checked = check_head_bytes(scan, max_head) != HEAD_INCOMPLETE
-        waited = False
-        # Nothing buffered: h11 can only say NEED_DATA, so go straight to the wait.
-        first: object = h11.NEED_DATA if not scan and not closed else None
         while True:
             try:
-                if first is not None:
-                    event, first = first, None
-                else:
-                    event = cc.next_event()
+                event = cc.next_event()
             except h11.RemoteProtocolError as exc:
                 if exc.error_status_hint == 431:
                     raise HeadTooLarge(
@@ -530,43 +569,14 @@ class ClientConnection:
                     ) from None
                 raise BadRequest(f"malformed request: {exc}") from None
             if event is h11.NEED_DATA:
-                if not started_head:
-                    if self.services.draining:
-                        return None
-                    # We just answered the previous request, so the next one cannot be here
-                    # yet: wait, then read (http.sockio), rather than a read that fails first.
-                    # The idle timeout and draining end the wait through IdleConnections.
-                    idle = self.services.idle
-                    idle.add(self, trio.current_time())
-                    try:
-                        data = await sockio.read_after_wait(self.stream)
-                    except trio.ClosedResourceError:
-                        return None  # keep-alive idle timeout, or draining
-                    finally:
-                        idle.discard(self)
-                    started_head = True
-                    if data and cc is _WAITING:
-                        # The common request, whole in one read: no h11 connection at all
-                        # unless something needs one later (the h11 property).
-                        fast = fastpath.parse_request(data, max_head)
-                        if fast is not None:
-                            self.fast_head = data
-                            return fast
-                        # A request starts: its own h11 connection.
-                        cc = self.h11 = h11.Connection(
-                            h11.SERVER, max_incomplete_event_size=max_head
-                        )
-                else:
-                    if head_deadline is None:
-                        head_deadline = trio.current_time() + config.timeouts.head
-                    maybe_data = await sockio.receive_some(
-                        self.stream, head_deadline, wait_first=True
+                if head_deadline is None:
+                    head_deadline = trio.current_time() + config.timeouts.head
+                maybe_data = await sockio.receive_some(self.stream, head_deadline, wait_first=True)
+                if maybe_data is None:
+                    raise RequestHeadTimeout(
+                        f"the request head did not arrive within {config.timeouts.head:g}s"
                     )
-                    if maybe_data is None:
-                        raise RequestHeadTimeout(
-                            f"the request head did not arrive within {config.timeouts.head:g}s"
-                        )
-                    data = maybe_data
+                data = maybe_data
                 waited = True
                 if not data:
                     if scan:
@@ -614,7 +624,8 @@ class ClientConnection:
                 await self._authenticate(request)
             if method == b"CONNECT":
                 return await self._serve_connect(request, started)
-            if is_websocket_upgrade(request.headers):
+            # A fast-path request has no Upgrade field (http.fastpath): no need to look.
+            if self.fast_head is None and is_websocket_upgrade(request.headers):
                 # Before prepare_request: it strips Upgrade as hop-by-hop.
                 return await self._serve_websocket(request, started, stats)
             target = parse_absolute_target(url)
@@ -895,10 +906,17 @@ class ClientConnection:
         if not any(low <= target.port <= high for low, high in config.connect.allowed_ports):
             raise DestinationForbidden(f"CONNECT to port {target.port} is not allowed")
         stats = ExchangeStats(upstream=f"{target.host}:{target.port}")
-        scheme = "https" if target.port == 443 else "http"
-        routes = await self._decide(
-            scheme, target.host, target.port, f"{scheme}://{target.authority.decode()}/"
+        # Static routing needs no await (and no URL text); PAC and the NetLog take _decide.
+        routes = (
+            None
+            if services.netlog.active
+            else services.router.decide_static(target.host, target.port)
         )
+        if routes is None:
+            scheme = "https" if target.port == 443 else "http"
+            routes = await self._decide(
+                scheme, target.host, target.port, f"{scheme}://{target.authority.decode()}/"
+            )
 
         async def attempt(route: Route) -> trio.abc.Stream:
             return await open_checked(
@@ -987,10 +1005,11 @@ class ClientConnection:
         finally:
             services.tunnels.discard(tunnel)
             metrics.tunnels_active.dec()
-            metrics.tunnel_bytes_up.inc(tunnel_stats.bytes_up)
-            metrics.tunnel_bytes_down.inc(tunnel_stats.bytes_down)
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(upstream)
+            if tunnel_stats.bytes_up:  # none when the tunnel became a WebSocket session
+                metrics.tunnel_bytes_up.inc(tunnel_stats.bytes_up)
+            if tunnel_stats.bytes_down:
+                metrics.tunnel_bytes_down.inc(tunnel_stats.bytes_down)
+            await close_stream(upstream)  # no checkpoint for a plain socket (websocket.relay)
         stats.bytes_in = tunnel_stats.bytes_up
         stats.bytes_out = tunnel_stats.bytes_down
         self._finish(request.method, request.target, started, stats, route=stats.route)
@@ -1043,8 +1062,7 @@ class ClientConnection:
                         name=f"c{self.conn_id}",
                     )
                 finally:
-                    with trio.CancelScope(shield=True):
-                        await trio.aclose_forcefully(upstream)
+                    await close_stream(upstream)
         except ProxydError as exc:
             if not stats.head_sent:
                 services.metrics.ws_handshake_failures.labels(failure_reason(exc)).inc()

@@ -5,6 +5,9 @@ getaddrinfo errors are ``dns_error``, a refused connection is ``connection_refus
 deadline is ``connection_timeout``, anything else ``destination_unavailable`` (RFC 9209 §2.3).
 trio's ``open_tcp_stream`` already does RFC 8305 Happy Eyeballs across every address of a name
 and sets TCP_NODELAY; the resolver cache and the concurrency cap arrive with the routing issue.
+An IP literal has one address and nothing to race: it is connected directly (``_connect_ip``),
+without the racing machinery (a nursery, a task per attempt, an event), which costs several
+passes of the scheduler: more than the connect itself on a LAN or loopback.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import base64
 import errno
 import ipaddress
+import os
+import select
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
@@ -61,6 +66,44 @@ def _refused(exc: BaseException) -> bool:
     return False
 
 
+def _ip_family(address: str) -> int | None:
+    """``AF_INET`` / ``AF_INET6`` for an IP literal, None for anything else (names, and literal
+    forms ``inet_pton`` does not take, such as a scoped IPv6 address: trio resolves those)."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, address)
+        except (OSError, ValueError):
+            continue
+        return family
+    return None
+
+
+async def _connect_ip(family: int, address: str, port: int, timeout: float) -> trio.SocketStream:
+    """What ``open_tcp_stream`` does for a single address (TCP_NODELAY comes with
+    ``SocketStream``), minus the Happy Eyeballs race there is no second address for. A
+    non-blocking connect answers EINPROGRESS, but on loopback the handshake is already done
+    by then: a zero-timeout poll sees that and skips the wait (a pass of the scheduler). Only
+    a wait gets a timer (``trio.TooSlowError`` after ``timeout``)."""
+    await trio.lowlevel.checkpoint_if_cancelled()  # a cancellation point, like trio's connect
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        error = sock.connect_ex((address, port))
+        if error == errno.EINPROGRESS:
+            poller = select.poll()
+            poller.register(sock, select.POLLOUT)
+            if not poller.poll(0):
+                with trio.fail_after(timeout):
+                    await trio.lowlevel.wait_writable(sock)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, f"Error connecting to {address}:{port}: {os.strerror(error)}")
+        return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    except BaseException:
+        sock.close()
+        raise
+
+
 async def open_origin_stream(
     host: str,
     port: int,
@@ -72,11 +115,18 @@ async def open_origin_stream(
     """Connect to ``host:port`` within ``timeout`` seconds (TLS included when ``tls``)."""
     address = hosts.get(host, host)
     shown = f"{host}:{port}"
+    family = _ip_family(address)
     try:
+        if family is not None and not tls:
+            return await _connect_ip(family, address, port, timeout)  # its only wait is timed
         with trio.fail_after(timeout):
-            stream: trio.abc.Stream = await trio.open_tcp_stream(
-                address, port, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY
-            )
+            stream: trio.abc.Stream
+            if family is not None:
+                stream = await _connect_ip(family, address, port, timeout)
+            else:
+                stream = await trio.open_tcp_stream(
+                    address, port, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY
+                )
             if tls:
                 tls_stream = trio.SSLStream(
                     stream, _default_tls_context(), server_hostname=host, https_compatible=True

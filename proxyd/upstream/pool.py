@@ -175,12 +175,17 @@ class TunnelSlot:
         limiter = tunnels.get(self._host)
         if limiter is None:
             limiter = tunnels[self._host] = trio.CapacityLimiter(pool.config.tunnels_per_host)
-        with trio.move_on_after(pool.config.timeout) as scope:
-            await limiter.acquire_on_behalf_of(self)
-        if scope.cancelled_caught:  # every slot is held: the limiter stays for its holders
-            raise ConnectionLimitReached(
-                f"{pool.config.tunnels_per_host} tunnels to {self._host} are open already"
-            )
+        try:
+            # A free slot (nobody queued before us) is taken without a timer or a pass of the
+            # scheduler: the tunnel's next wait (for the origin or the client) yields anyway.
+            limiter.acquire_on_behalf_of_nowait(self)
+        except trio.WouldBlock:
+            with trio.move_on_after(pool.config.timeout) as scope:
+                await limiter.acquire_on_behalf_of(self)
+            if scope.cancelled_caught:  # every slot is held: the limiter stays for its holders
+                raise ConnectionLimitReached(
+                    f"{pool.config.tunnels_per_host} tunnels to {self._host} are open already"
+                ) from None
         self._limiter = limiter
 
     async def __aexit__(self, *exc_info: object) -> None:

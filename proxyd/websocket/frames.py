@@ -9,7 +9,11 @@ not closed yet may go on sending until it sends its own Close; wsproto's ``Conne
 refuses), and because it is on the per-message path: it appends each frame to the caller's
 ``bytearray`` (one ``send_all`` per batch), masks small payloads with one big-integer XOR, and
 draws masking keys from a 4 KiB pool of ``os.urandom`` bytes instead of one system call per frame
-(RFC 6455 §5.3 asks for keys from a strong source of entropy; the pool is that source).
+(RFC 6455 §5.3 asks for keys from a strong source of entropy; the pool is that source). The
+pool is one per process, not one per encoder: every session sends at least a Close to its
+origin, and a pool per session cost a 4 KiB ``getrandom`` on that path (and 4 KiB held by
+every idle session that had sent a frame upstream). Each key is used once; a forked worker
+starts with an empty pool, so no two processes share keys.
 
 ``BoundedDeflate`` is wsproto's ``PerMessageDeflate`` (RFC 7692) with its inbound half replaced:
 inflation stops at ``max_message_size`` bytes per message (``decompress(data, max_length)``),
@@ -99,19 +103,46 @@ def truncate_reason(reason: str) -> bytes:
     return data[:MAX_CLOSE_REASON_BYTES].decode("utf-8", "ignore").encode("utf-8")
 
 
+class _MaskingKeys:
+    """The process's pool of masking keys (see the module docstring)."""
+
+    __slots__ = ("_keys", "_pos")
+
+    def __init__(self) -> None:
+        self._keys = b""
+        self._pos = _KEY_POOL
+
+    def take(self) -> bytes:
+        """Four fresh bytes of ``os.urandom``, each handed out once (RFC 6455 §5.3)."""
+        pos = self._pos
+        if pos >= _KEY_POOL:
+            self._keys = os.urandom(_KEY_POOL)
+            pos = 0
+        self._pos = pos + 4
+        return self._keys[pos : pos + 4]
+
+    def forget(self) -> None:
+        """Drop what is left (a forked child must not reuse its parent's keys)."""
+        self._keys = b""
+        self._pos = _KEY_POOL
+
+
+_masking_keys: Final = _MaskingKeys()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_masking_keys.forget)
+
+
 class FrameEncoder:
     """Frames for one hop. ``client`` is True on the origin hop (the proxy is the WebSocket
     client there and must mask, RFC 6455 §5.1). Data frames must come from one task at a time
     (they carry the fragmentation and compression state); control frames may come from any."""
 
-    __slots__ = ("_deflate", "_in_message", "_key_pos", "_keys", "client")
+    __slots__ = ("_deflate", "_in_message", "client")
 
     def __init__(self, *, client: bool, deflate: PerMessageDeflate | None = None) -> None:
         self.client = client  # read by PerMessageDeflate.frame_outbound (window bits)
         self._deflate = deflate
         self._in_message = False
-        self._keys = b""
-        self._key_pos = _KEY_POOL
 
     @property
     def compresses(self) -> bool:
@@ -173,12 +204,7 @@ class FrameEncoder:
             out += _pack_long(first, second | 127, size)
         if not self.client:
             return b""
-        pos = self._key_pos
-        if pos >= _KEY_POOL:
-            self._keys = os.urandom(_KEY_POOL)
-            pos = 0
-        key = self._keys[pos : pos + 4]
-        self._key_pos = pos + 4
+        key = _masking_keys.take()
         out += key
         return key
 

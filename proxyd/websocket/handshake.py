@@ -75,8 +75,45 @@ def _tokens(values: Iterable[bytes]) -> list[bytes]:
     return [token.strip().lower() for value in values for token in value.split(b",") if token]
 
 
-def _values(headers: Iterable[Header], name: bytes) -> list[bytes]:
-    return [value for field, value in headers if field.lower() == name]
+_NONE: Final[list[bytes]] = []
+
+
+def _fields(headers: Iterable[Header], names: frozenset[bytes]) -> dict[bytes, list[bytes]]:
+    """The values of each of ``names`` (lowercase) in one pass over the fields, in order (a
+    check reads several: one pass each lowercased every field name again and again)."""
+    found: dict[bytes, list[bytes]] = {}
+    for field, value in headers:
+        name = field.lower()
+        if name in names:
+            values = found.get(name)
+            if values is None:
+                found[name] = [value]
+            else:
+                values.append(value)
+    return found
+
+
+_CLIENT_FIELDS: Final = frozenset(
+    {
+        b"upgrade",
+        b"connection",
+        b"sec-websocket-version",
+        b"sec-websocket-key",
+        b"content-length",
+        b"transfer-encoding",
+        b"sec-websocket-protocol",
+        b"sec-websocket-extensions",
+    }
+)
+_ORIGIN_FIELDS: Final = frozenset(
+    {
+        b"upgrade",
+        b"connection",
+        b"sec-websocket-accept",
+        b"sec-websocket-protocol",
+        b"sec-websocket-extensions",
+    }
+)
 
 
 def is_websocket_upgrade(headers: Iterable[Header]) -> bool:
@@ -189,14 +226,15 @@ def check_client_upgrade(
         raise BadRequest("a WebSocket upgrade must be a GET request (RFC 6455 §4.1)")
     if http_version != b"1.1":
         raise BadRequest("a WebSocket upgrade needs HTTP/1.1 (RFC 6455 §4.1)")
-    if b"websocket" not in _tokens(_values(headers, b"upgrade")):
+    fields = _fields(headers, _CLIENT_FIELDS)
+    if b"websocket" not in _tokens(fields.get(b"upgrade", _NONE)):
         raise BadRequest("a WebSocket upgrade needs Upgrade: websocket")
-    if b"upgrade" not in _tokens(_values(headers, b"connection")):
+    if b"upgrade" not in _tokens(fields.get(b"connection", _NONE)):
         raise BadRequest("a WebSocket upgrade needs Connection: Upgrade (RFC 6455 §4.2.1)")
-    versions = _values(headers, b"sec-websocket-version")
+    versions = fields.get(b"sec-websocket-version", _NONE)
     if [v.strip() for v in versions] != [b"13"]:
         raise BadRequest("Sec-WebSocket-Version must be 13 (RFC 6455 §4.2.1)")
-    keys = _values(headers, b"sec-websocket-key")
+    keys = fields.get(b"sec-websocket-key", _NONE)
     if len(keys) != 1:
         raise BadRequest("a WebSocket upgrade needs exactly one Sec-WebSocket-Key")
     key = keys[0].strip()
@@ -206,20 +244,20 @@ def check_client_upgrade(
         decoded = b""
     if len(decoded) != 16:
         raise BadRequest("Sec-WebSocket-Key must be 16 bytes in base64 (RFC 6455 §4.1)")
-    for length in _values(headers, b"content-length"):
+    for length in fields.get(b"content-length", _NONE):
         if length.strip() != b"0":
             raise BadRequest("a WebSocket upgrade carries no body")
-    if _values(headers, b"transfer-encoding"):
+    if b"transfer-encoding" in fields:
         raise BadRequest("a WebSocket upgrade carries no body")
     protocols = tuple(
         token.strip()
-        for value in _values(headers, b"sec-websocket-protocol")
+        for value in fields.get(b"sec-websocket-protocol", _NONE)
         for token in value.split(b",")
         if token.strip()
     )
     offers = tuple(
         canonical
-        for name, params in parse_extensions(_values(headers, b"sec-websocket-extensions"))
+        for name, params in parse_extensions(fields.get(b"sec-websocket-extensions", _NONE))
         if name == DEFLATE and (canonical := _canonical_deflate(params, offer=True)) is not None
     )
     return ClientUpgrade(key=key, protocols=protocols, deflate_offers=offers)
@@ -262,21 +300,22 @@ def check_origin_accept(
     via: bytes | None,
 ) -> OriginAccept:
     """Validate the origin's 101 for our ``key`` (RFC 6455 §4.1, the client's checks 1-6)."""
-    if b"websocket" not in _tokens(_values(headers, b"upgrade")):
+    fields = _fields(headers, _ORIGIN_FIELDS)
+    if b"websocket" not in _tokens(fields.get(b"upgrade", _NONE)):
         raise BadResponse("the origin's 101 does not say Upgrade: websocket")
-    if b"upgrade" not in _tokens(_values(headers, b"connection")):
+    if b"upgrade" not in _tokens(fields.get(b"connection", _NONE)):
         raise BadResponse("the origin's 101 does not say Connection: Upgrade")
-    accepts = _values(headers, b"sec-websocket-accept")
+    accepts = fields.get(b"sec-websocket-accept", _NONE)
     if [a.strip() for a in accepts] != [accept_token(key)]:
         raise BadResponse("the origin's Sec-WebSocket-Accept does not match the key")
-    chosen = [p.strip() for p in _values(headers, b"sec-websocket-protocol")]
+    chosen = [p.strip() for p in fields.get(b"sec-websocket-protocol", _NONE)]
     subprotocol: bytes | None = None
     if chosen:
         if len(chosen) != 1 or chosen[0] not in offered_protocols:
             raise BadResponse("the origin chose a subprotocol the client did not offer")
         subprotocol = chosen[0]
     deflate: BoundedDeflate | None = None
-    for name, params in parse_extensions(_values(headers, b"sec-websocket-extensions")):
+    for name, params in parse_extensions(fields.get(b"sec-websocket-extensions", _NONE)):
         if name != DEFLATE or not offered_deflate or deflate is not None:
             raise BadResponse(f"the origin accepted an extension proxyd did not offer: {name}")
         canonical = _canonical_deflate(params, offer=False)

@@ -103,6 +103,7 @@ class WsprotoClient:
     async def _handshake(self) -> None:
         reject: RejectConnection | None = None
         body = b""
+        accepted = False
         while True:
             data = await self.stream.receive_some(65536)
             if not data:
@@ -112,6 +113,7 @@ class WsprotoClient:
                 if isinstance(event, AcceptConnection):
                     self.subprotocol = event.subprotocol
                     self.extensions = list(event.extensions)
+                    accepted = True
                     continue
                 if isinstance(event, RejectConnection):
                     reject = event
@@ -123,7 +125,9 @@ class WsprotoClient:
                         raise Rejected(reject.status_code, body, list(reject.headers))
                 else:
                     self._events.append(event)
-            if self.ws.state is ConnectionState.OPEN:
+            # Frames may come in the same read as the 101 (even a Close: the state is then no
+            # longer OPEN); they wait in ``_events``.
+            if accepted:
                 return
 
     async def send(self, message: Message) -> None:

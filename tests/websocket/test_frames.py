@@ -19,6 +19,7 @@ from wsproto.frame_protocol import (
     XorMaskerSimple,
 )
 
+from proxyd.websocket import frames
 from proxyd.websocket.frames import (
     OP_BINARY,
     OP_BINARY_MASKED,
@@ -131,6 +132,54 @@ def test_client_masking_keys_differ_from_frame_to_frame() -> None:
         encoder.ping(out, b"")
         keys.add(bytes(out[2:6]))
     assert len(keys) > 1990
+
+
+def test_encoders_share_the_process_key_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every session's origin hop masks at least its Close: one 4 KiB draw of os.urandom per
+    encoder was a system call on every session's path. 500 encoders, one frame each: one draw,
+    and no key twice."""
+    frames._masking_keys.forget()
+    draws: list[int] = []
+    real_urandom = os.urandom
+
+    def counting_urandom(size: int) -> bytes:
+        draws.append(size)
+        return real_urandom(size)
+
+    monkeypatch.setattr(os, "urandom", counting_urandom)  # the module frames.py draws from
+    keys = set()
+    for _ in range(500):
+        out = bytearray()
+        FrameEncoder(client=True).close(out, 1000)
+        keys.add(bytes(out[2:6]))
+    assert draws == [4096]
+    assert len(keys) > 495
+
+
+def test_a_forked_child_does_not_reuse_the_parents_keys() -> None:
+    """The pool is per process: after fork the child draws its own (RFC 6455 §5.3: keys must
+    not be predictable, and a sibling's keys are)."""
+    out = bytearray()
+    FrameEncoder(client=True).close(out, 1000)  # the pool has keys now
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next key, to the parent
+        try:
+            child_out = bytearray()
+            FrameEncoder(client=True).close(child_out, 1000)
+            os.write(write_end, bytes(child_out[2:6]))
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        child_key = os.read(read_end, 4)
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    parent_out = bytearray()
+    FrameEncoder(client=True).close(parent_out, 1000)
+    assert len(child_key) == 4
+    assert child_key != bytes(parent_out[2:6])
 
 
 # --- permessage-deflate -----------------------------------------------------------------------

@@ -24,6 +24,16 @@ from tests.websocket.clients import CONNECT, masked_frame, raw_open, read_head, 
 from tests.websocket.ws_origin import WsOrigin
 
 
+def await_chain(task: trio.lowlevel.Task) -> list[object]:
+    """The coroutines ``task`` is suspended in, outermost first."""
+    chain: list[object] = []
+    obj: object = task.coro
+    while obj is not None:
+        chain.append(obj)
+        obj = getattr(obj, "cr_await", None) or getattr(obj, "gi_yieldfrom", None)
+    return chain
+
+
 async def open_tunnelled_session(proxy: RunningProxy, ws_origin: WsOrigin) -> trio.SocketStream:
     """CONNECT, then a plaintext upgrade inside (how browsers send ws://), 101 read."""
     stream = await raw_open(CONNECT, proxy.port, ws_origin.port)
@@ -57,11 +67,16 @@ async def test_an_idle_session_keeps_nothing_of_its_handshake(
     assert not of_type(objects, types.AsyncGeneratorType)
     assert of_type(objects, TunnelSlot)
     assert not of_type(objects, BaseException)
-    readers = tasks_running(Session._read_loop)
-    assert len(readers) == 2
-    for reader in readers:
-        assert not of_type(stack_objects(reader), BaseException)
+    # The origin's reader is a task of the session; the client's reader is the connection's
+    # own task (its stack, checked above, ends in it), so a session costs one task, not two.
+    [reader] = tasks_running(Session._read_loop)
+    assert not of_type(stack_objects(reader), BaseException)
+    assert any(
+        getattr(frame, "cr_code", None) is Session._read_loop.__code__
+        for frame in await_chain(task)
+    )
     [session] = services.websocket_sessions
+    assert session._timer is None  # no deadline pending: no timer anywhere
     for hop in session._hops:
         assert hop._lock is None and hop._close_written is None and hop._reader_done is None
     await stream.aclose()
@@ -108,7 +123,8 @@ async def test_a_session_idle_after_traffic_keeps_no_read_buffer(
             echoed += await stream.receive_some(65536)
         assert echoed == b"\x82\x7e\x80\x00" + payload
         await trio.sleep(0.1)  # both readers are waiting again
-    readers = tasks_running(Session._read_loop)
+    # The origin's reader task, and the connection's task that runs the client's reader.
+    readers = tasks_running(Session._read_loop) + tasks_running(ClientConnection.run)
     assert len(readers) == 2
     for reader in readers:
         objects = stack_objects(reader)

@@ -4,7 +4,9 @@ TCP close order, bounded inflation, and drain."""
 
 from __future__ import annotations
 
+import gc
 import tracemalloc
+import weakref
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -220,3 +222,98 @@ async def test_cancelled_from_outside_is_aborted_and_still_closes_both_sockets()
     assert await client_near.receive_some(10) == b""
     await client_near.aclose()
     await origin_far.aclose()
+
+
+# --- the run's deadlines (relay._Deadlines) -----------------------------------------------------
+
+
+def task_names() -> list[str]:
+    """The names of every task of the run."""
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    names: list[str] = []
+    pending = [root]
+    while pending:
+        task = pending.pop()
+        names.append(task.name)
+        for nursery in task.child_nurseries:
+            pending.extend(nursery.child_tasks)
+    return names
+
+
+def session_tasks() -> list[str]:
+    """The tasks a session runs besides its origin reader (a per-session timer task, or a task
+    per hop for the end of the handshake: there should be none in the common case)."""
+    return [name for name in task_names() if "Session._" in name and "_read_loop" not in name]
+
+
+async def test_after_the_handshake_a_peer_that_keeps_its_side_open_is_closed_by_the_deadline() -> (
+    None
+):
+    """FinishHop: proxyd (the server on the client hop) sends its FIN at once and gives the
+    client close_timeout to close its side; then it closes. No task waits for that: the run's
+    deadline task does it."""
+    settings = SessionSettings(close_timeout=0.4)
+    with trio.fail_after(5):
+        async with session(settings) as (relay, client, origin, done):
+            await origin.close(1000, "done")
+            assert await client.next_close() == (1000, "done")
+            await client.close(1000, "done")
+            assert await origin.next_close() == (1000, "done")
+            assert await client.next_frame() is None  # our FIN came right after our Close
+            await origin.stream.send_eof()  # the origin closes its side; the client does not
+            started = trio.current_time()
+            await trio.sleep(0.1)
+            assert not done.is_set()
+            assert session_tasks() == []  # no task per hop, no timer task per session
+            assert relay._timer is not None  # the run's deadline task holds the wait
+            await done.wait()
+            waited = trio.current_time() - started
+    assert 0.2 < waited < 1.5
+    assert relay.stats.outcome is Outcome.CLEAN
+    client_hop = relay._hops[0].stream
+    assert isinstance(client_hop, trio.SocketStream) and client_hop.socket.fileno() == -1
+
+
+async def test_sessions_share_one_deadline_task_and_keep_their_pings() -> None:
+    """Three sessions with keepalive: their pings are due all the time, yet the run has one
+    task for all their deadlines and none per session."""
+    settings = SessionSettings(close_timeout=1.0, ping_interval=0.1, pong_timeout=2.0)
+    with trio.fail_after(10):
+        async with (
+            session(settings) as (_r1, client1, origin1, _d1),
+            session(settings) as (_r2, client2, origin2, _d2),
+            session(settings) as (_r3, client3, origin3, _d3),
+        ):
+            for peer in (origin1, origin2, origin3, client1, client2, client3):
+                frame = await peer.next_frame()  # the proxy's ping (wsproto answers it)
+                assert frame is not None and frame.opcode is Opcode.PING
+            assert session_tasks() == []
+            for client, origin in ((client1, origin1), (client2, origin2), (client3, origin3)):
+                await client.close(1000)
+                assert (await origin.next_close())[0] == 1000
+                await origin.close(1000)
+                assert (await client.next_close())[0] == 1000
+                assert await client.next_frame() is None
+                await client.stream.aclose()
+                await origin.stream.send_eof()
+    assert task_names().count("proxyd WebSocket session deadlines") == 1
+
+
+async def test_a_finished_session_is_not_held_by_its_deadlines() -> None:
+    """A deadline that no longer matters (the reply came in time, the session ended) leaves
+    nothing behind that keeps the session's objects alive."""
+    settings = SessionSettings(close_timeout=30.0)
+    with trio.fail_after(5):
+        async with session(settings) as (relay, client, origin, _done):
+            await client.close(1000)  # a reply deadline 30 s from now
+            assert await origin.next_close() == (1000, "")
+            await origin.close(1000)
+            assert await client.next_close() == (1000, "")
+            assert await client.next_frame() is None
+            await client.stream.aclose()
+            await origin.stream.send_eof()
+    ref = weakref.ref(relay)
+    del relay
+    gc.collect()
+    assert ref() is None

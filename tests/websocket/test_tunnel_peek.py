@@ -3,11 +3,16 @@ where the server talks first, plain HTTP and anything else stay a byte tunnel, b
 
 from __future__ import annotations
 
+import os
+import select
 from collections.abc import Awaitable, Callable
 
 import httpx
+import pytest
 import trio
+import trio.testing
 
+from proxyd.websocket.upgrade import Sniffed, sniff_tunnel
 from tests.conftest import RunningProxy, StartProxy
 from tests.websocket.clients import (
     CLIENT_KEY,
@@ -69,8 +74,15 @@ async def test_a_server_that_talks_first_is_not_kept_waiting(
     port = await tcp_server(nursery, banner)
     proxy = await start_proxy(**{"connect.allowed_ports": [port]})
     with trio.fail_after(1):
-        stream = await raw_open(CONNECT, proxy.port, port)
-        assert await stream.receive_some(100) == b"220 mail.test ESMTP\r\n"
+        stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+        authority = f"127.0.0.1:{port}".encode()
+        await stream.send_all(b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (authority, authority))
+        # The banner may follow the 200 in the same read: the peek sends it on at once.
+        head, banner_bytes = await read_head(stream)
+        assert head.startswith(b"HTTP/1.1 200")
+        while len(banner_bytes) < len(b"220 mail.test ESMTP\r\n"):
+            banner_bytes += await stream.receive_some(100)
+        assert banner_bytes == b"220 mail.test ESMTP\r\n"
         await stream.send_all(b"EHLO me\r\n")
         assert await stream.receive_some(100) == b"250 ok\r\n"
 
@@ -146,3 +158,140 @@ async def test_a_silent_tunnel_becomes_a_byte_tunnel_after_the_head_timeout(
         assert head.startswith(b"HTTP/1.1 101")
         await stream.aclose()
     assert ws_origin.peers[0].header(b"sec-websocket-key") == CLIENT_KEY
+
+
+# --- sniff_tunnel on its own ----------------------------------------------------------------------
+
+
+async def socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    near = await trio.open_tcp_stream("127.0.0.1", port)
+    far = await listeners[0].accept()
+    for listener in listeners:
+        await listener.aclose()
+    return near, far
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def all_task_names() -> list[str]:
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    names: list[str] = []
+    pending = [root]
+    while pending:
+        task = pending.pop()
+        names.append(task.name)
+        for child in task.child_nurseries:
+            pending.extend(child.child_tasks)
+    return names
+
+
+UPGRADE = upgrade_request(CONNECT, 9, "/chat")
+
+
+@pytest.mark.skipif(not hasattr(select, "epoll"), reason="the one-task peek needs epoll")
+async def test_the_peek_waits_for_both_sides_in_one_task_and_leaks_nothing() -> None:
+    """On plain sockets the peek is one wait in the tunnel's own task (an epoll descriptor
+    holding both sockets): no reader task per side to start and cancel. The descriptor is
+    gone afterwards."""
+    client, client_far = await socket_pair()
+    origin_far, origin = await socket_pair()
+    before = open_fds()
+    results: list[Sniffed] = []
+
+    async def peek() -> None:
+        results.append(await sniff_tunnel(client_far, origin, b"", timeout=5, max_head=65536))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peek, name="peek")
+            await trio.sleep(0.05)
+            await client.send_all(UPGRADE[:10])
+            await trio.sleep(0.05)  # a partial head: still waiting
+            assert not results
+            assert not [name for name in all_task_names() if "read_client" in name]
+            assert not [name for name in all_task_names() if "read_origin" in name]
+            assert open_fds() == before + 1  # the epoll descriptor, while it waits
+            await client.send_all(UPGRADE[10:])
+    [sniffed] = results
+    assert sniffed.request is not None and sniffed.request.target == b"/chat"
+    assert sniffed.origin_bytes == b""
+    assert open_fds() == before
+    for stream in (client, client_far, origin_far, origin):
+        await stream.aclose()
+
+
+async def test_a_banner_wins_over_a_partial_request_and_no_byte_is_lost() -> None:
+    """The origin speaks while the client's bytes are not a whole head: a byte tunnel, with the
+    banner for the client and the client's bytes (read, or still in its socket) for the origin."""
+    client, client_far = await socket_pair()
+    origin_far, origin = await socket_pair()
+    with trio.fail_after(5):
+        await client.send_all(b"GE")
+        await origin_far.send_all(b"SSH-2.0-test\r\n")
+        await trio.sleep(0.05)
+        sniffed = await sniff_tunnel(client_far, origin, b"", timeout=5, max_head=65536)
+        assert sniffed.request is None and not sniffed.idle
+        assert sniffed.origin_bytes == b"SSH-2.0-test\r\n"
+        rest = b""
+        if sniffed.client_bytes != b"GE":
+            assert sniffed.client_bytes == b""
+            rest = await client_far.receive_some(10)
+        assert sniffed.client_bytes + rest == b"GE"
+    for stream in (client, client_far, origin_far, origin):
+        await stream.aclose()
+
+
+async def test_an_origin_that_closes_first_leaves_a_byte_tunnel() -> None:
+    client, client_far = await socket_pair()
+    origin_far, origin = await socket_pair()
+    with trio.fail_after(5):
+        await client.send_all(b"GET / HT")
+        await origin_far.aclose()
+        sniffed = await sniff_tunnel(client_far, origin, b"", timeout=5, max_head=65536)
+    assert sniffed.request is None and sniffed.origin_bytes == b"" and not sniffed.idle
+    for stream in (client, client_far, origin):
+        await stream.aclose()
+
+
+async def test_a_silent_tunnel_is_idle_after_its_idle_timeout() -> None:
+    client, client_far = await socket_pair()
+    origin_far, origin = await socket_pair()
+    before = open_fds()
+    with trio.fail_after(5):
+        sniffed = await sniff_tunnel(
+            client_far, origin, b"", timeout=5, idle_timeout=0.1, max_head=65536
+        )
+    assert sniffed.idle and sniffed.request is None
+    assert open_fds() == before
+    for stream in (client, client_far, origin_far, origin):
+        await stream.aclose()
+
+
+async def test_the_peek_on_other_streams_takes_a_reader_per_side() -> None:
+    """Streams that are not plain sockets (TLS to an upstream proxy, bytes read ahead): the same
+    decisions, with a reader task per side."""
+    client, client_far = trio.testing.memory_stream_pair()
+    origin_far, origin = trio.testing.memory_stream_pair()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            results: list[Sniffed] = []
+
+            async def peek() -> None:
+                results.append(
+                    await sniff_tunnel(client_far, origin, b"", timeout=5, max_head=65536)
+                )
+
+            nursery.start_soon(peek)
+            await client.send_all(UPGRADE[:5])
+            await trio.sleep(0.01)
+            await client.send_all(UPGRADE[5:])
+        [sniffed] = results
+        assert sniffed.request is not None and sniffed.request.target == b"/chat"
+        await origin_far.send_all(b"220 hello\r\n")
+        banner = await sniff_tunnel(client_far, origin, b"", timeout=5, max_head=65536)
+        assert banner.origin_bytes == b"220 hello\r\n" and banner.request is None
