@@ -446,7 +446,7 @@ class ClientConnection:
                 with trio.CancelScope(shield=True):
                     if self._linger:
                         await self._lingering_close()
-                    await trio.aclose_forcefully(self.stream)
+                    await close_stream(self.stream)  # a plain socket: closed without a pass
             finally:
                 if self._limiter is not None:
                     self._limiter.release_on_behalf_of(self._token)
