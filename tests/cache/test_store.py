@@ -319,6 +319,27 @@ async def test_lru_eviction_follows_touch(tmp_path: Path) -> None:
         await store.aclose()
 
 
+@pytest.mark.parametrize("granularity", [0.0, 3600.0])
+async def test_a_use_is_recorded_once_per_touch_granularity(
+    tmp_path: Path, granularity: float
+) -> None:
+    """An entry's use is recorded at most once per ``touch_granularity`` (the LRU's precision):
+    within it, a later use of ``a`` does not make it more recent than ``b``, so a hot entry costs
+    one index write per period, not one per hit."""
+    store = await open_store(tmp_path, max_size=3000, memory_size=0, touch_granularity=granularity)
+    try:
+        a = await put(store, "a", b"a" * 1000)
+        b = await put(store, "b", b"b" * 1000)
+        c = await put(store, "c", b"c" * 1000)
+        for entry in (a, b, c, a):  # the last use of a is the most recent one of all
+            store.touch(entry)
+        await put(store, "d", b"d" * 1000)  # one must go: the least recently recorded
+        gone = [k for k in "abc" if not await store.lookup(k)]
+        assert gone == (["b"] if granularity == 0 else ["a"])
+    finally:
+        await store.aclose()
+
+
 async def test_touches_are_written_to_the_index(tmp_path: Path) -> None:
     # Another process (here: the next open) must evict by the access times this one recorded.
     store = await open_store(tmp_path, max_size=3000)
