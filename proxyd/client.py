@@ -248,6 +248,8 @@ class Services:
     netlog: NetLog = NETLOG_OFF
     #: Connections waiting for their next request (the server runs its sweeper task).
     idle: IdleConnections = field(init=False)
+    #: ``trio.current_time`` (the server passes its run's clock method: the same times).
+    now: Callable[[], float] = trio.current_time
 
     def __post_init__(self) -> None:
         self.idle = IdleConnections(self.config.client.timeouts.idle)
@@ -516,7 +518,7 @@ class ClientConnection:
             if services.draining:
                 return None
             idle = services.idle
-            idle.add(self, trio.current_time())
+            idle.add(self, services.now())
             try:
                 data = await sockio.read_after_wait(self.stream)
             except trio.ClosedResourceError:
@@ -526,11 +528,13 @@ class ClientConnection:
             if not data:
                 return None
             # The common request, whole in one read: no h11 connection at all unless something
-            # needs one later (the h11 property).
-            fast = fastpath.parse_request(data, max_head)
-            if fast is not None:
-                self.fast_head = data
-                return fast
+            # needs one later (the h11 property). Not with the cache on: it answers through h11
+            # anyway (hits, and the tap on misses), and h11 would parse the head a second time.
+            if services.cache is None:
+                fast = fastpath.parse_request(data, max_head)
+                if fast is not None:
+                    self.fast_head = data
+                    return fast
             # A request starts: its own h11 connection, and the general way below.
             cc = self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
             head_checked = check_head_bytes(data, max_head) != HEAD_INCOMPLETE
@@ -599,8 +603,8 @@ class ClientConnection:
 
     async def _serve(self, request: _h11.Request) -> bool:
         """Answer one request; True when the connection may carry another."""
-        started = trio.current_time()
         services = self.services
+        started = services.now()
         method = request.method
         url = request.target
         netlog = services.netlog
@@ -701,7 +705,7 @@ class ClientConnection:
             return
         self._logged = True
         services = self.services
-        duration = trio.current_time() - started
+        duration = services.now() - started
         method_text = method.decode("ascii", "replace")
         status = stats.status or 499
         if services.netlog.active:

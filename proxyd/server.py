@@ -245,6 +245,8 @@ class ProxyServer:
             auth=access.AuthCache(config.auth.users) if config.auth.users else None,
             pseudonym=self._pseudonym(config),
             netlog=self.netlog,
+            # trio.current_time's clock, called directly (one call instead of three).
+            now=trio.lowlevel.current_clock().current_time,
         )
         self.services = services
         self.metrics.add_stats_provider(self._pool_metrics)

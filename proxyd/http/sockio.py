@@ -81,15 +81,16 @@ class _Timers:
     """Deadlines of socket waits, one insertion-ordered dict per timeout value; see the module
     docstring. ``run`` is the sweeper (a system task of the trio run, started on first use)."""
 
-    __slots__ = ("_lot", "_sleep_until", "_waits")
+    __slots__ = ("_lot", "_now", "_sleep_until", "_waits")
 
     def __init__(self) -> None:
+        self._now = trio.lowlevel.current_clock().current_time  # trio.current_time, one call
         self._waits: dict[float, dict[_Wait, float]] = {}
         self._lot = trio.lowlevel.ParkingLot()
         self._sleep_until = math.inf
 
     def add(self, socket: trio.socket.SocketType, timeout: float) -> _Wait:
-        now = trio.current_time()
+        now = self._now()
         waits = self._waits.get(timeout)
         if waits is None:
             waits = self._waits[timeout] = {}

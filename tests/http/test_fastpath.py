@@ -11,6 +11,7 @@ relay part runs the in-process proxy in front of the scriptable origin (tests/or
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import h11
 import h11._abnf as abnf
@@ -515,3 +516,35 @@ async def test_hop_by_hop_fields_go_and_via_comes_on_the_fast_path(
     assert b"upgrade" not in names and b"connection" not in names
     assert (b"x-kept", b"yes") in list(response.headers)
     assert dict(response.headers)[b"via"].startswith(b"1.1 ")
+
+
+@pytest.mark.parametrize("cache", [False, True])
+async def test_the_fast_parser_is_used_only_without_the_cache(
+    start_proxy: StartProxy,
+    origin: Origin,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    cache: bool,
+) -> None:
+    """With the cache on, every answer goes through h11 (hits, and the tap on misses), so the
+    fast parser would only make h11 parse each head a second time: it is skipped."""
+    calls: list[bytes] = []
+    parse = fastpath.parse_request
+
+    def counting(data: bytes, max_head: int) -> h11.Request | None:
+        calls.append(data)
+        return parse(data, max_head)
+
+    monkeypatch.setattr(fastpath, "parse_request", counting)
+    settings = {"cache.enabled": True, "cache.dir": str(tmp_path / "cache")} if cache else {}
+    proxy = await start_proxy(**settings)
+    client = await RawClient.connect(proxy.port)
+    for _ in range(2):
+        await client.send(
+            h11.Request(method="GET", target=origin.url("/x"), headers=[("Host", "x")]),
+            h11.EndOfMessage(),
+        )
+        _, response, _, _ = await client.response()
+        assert response.status_code == 200
+        client.conn.start_next_cycle()
+    assert len(calls) == (0 if cache else 2)
