@@ -332,6 +332,16 @@ def test_request_head_is_what_h11_writes() -> None:
 # --- through the proxy -------------------------------------------------------------------------
 
 
+async def get(client: RawClient, url: str) -> tuple[h11.Response, bytes]:
+    """One GET over the client's keep-alive connection: the final response and its body."""
+    await client.send(
+        h11.Request(method="GET", target=url, headers=[("Host", "x")]), h11.EndOfMessage()
+    )
+    _, response, body, _ = await client.response()
+    client.conn.start_next_cycle()
+    return response, body
+
+
 async def test_plain_get_goes_without_h11s_response_reader(
     proxy: RunningProxy, origin: Origin, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -344,14 +354,9 @@ async def test_plain_get_goes_without_h11s_response_reader(
     monkeypatch.setattr(relay, "_receive_response_head", broken)
     client = await RawClient.connect(proxy.port)
     for _ in range(3):
-        await client.send(
-            h11.Request(method="GET", target=origin.url("/x"), headers=[("Host", "x")]),
-            h11.EndOfMessage(),
-        )
-        _, response, body, _ = await client.response()
+        response, body = await get(client, origin.url("/x"))
         assert response.status_code == 200
         assert b'"method": "GET"' in body
-        client.conn.start_next_cycle()
     assert origin.connections == 1  # one upstream socket, reused by the fast path
 
 
@@ -373,7 +378,7 @@ async def test_one_connection_mixes_fast_and_general_exchanges(
     origin.route("/hints", early_hints)
     client = await RawClient.connect(proxy.port)
 
-    async def get(path: str, method: str = "GET", body: bytes = b"") -> tuple[int, bytes, int]:
+    async def exchange(path: str, method: str = "GET", body: bytes = b"") -> tuple[int, bytes, int]:
         headers = [("Host", "x")] + ([("Content-Length", str(len(body)))] if body else [])
         events: list[h11.Event] = [
             h11.Request(method=method, target=origin.url(path), headers=headers)
@@ -385,12 +390,12 @@ async def test_one_connection_mixes_fast_and_general_exchanges(
         client.conn.start_next_cycle()
         return response.status_code, got, len(informational)
 
-    assert (await get("/x"))[0] == 200  # fast
-    assert await get("/chunked") == (200, b"chunk", 0)  # fast request, h11 response
-    assert await get("/hints") == (200, b"after hints", 1)  # a 1xx: h11 from the first byte
-    status, echoed, _ = await get("/post", "POST", b"data")  # h11 both ways
+    assert (await exchange("/x"))[0] == 200  # fast
+    assert await exchange("/chunked") == (200, b"chunk", 0)  # fast request, h11 response
+    assert await exchange("/hints") == (200, b"after hints", 1)  # a 1xx: h11 from the first byte
+    status, echoed, _ = await exchange("/post", "POST", b"data")  # h11 both ways
     assert status == 200 and b'"body_size": 4' in echoed
-    assert (await get("/y"))[0] == 200  # fast again
+    assert (await exchange("/y"))[0] == 200  # fast again
     assert origin.connections == 1
     assert [r.target for r in origin.requests] == [b"/x", b"/chunked", b"/hints", b"/post", b"/y"]
 
@@ -409,13 +414,8 @@ async def test_response_head_in_pieces_is_finished_by_h11(
     origin.route("/slow", slow_head)
     client = await RawClient.connect(proxy.port)
     for _ in range(2):
-        await client.send(
-            h11.Request(method="GET", target=origin.url("/slow"), headers=[("Host", "x")]),
-            h11.EndOfMessage(),
-        )
-        _, response, body, _ = await client.response()
+        response, body = await get(client, origin.url("/slow"))
         assert (response.status_code, body) == (200, b"ok")
-        client.conn.start_next_cycle()
     assert origin.connections == 1
 
 
@@ -429,18 +429,9 @@ async def test_bytes_past_the_content_length_are_dropped_and_the_socket_retired(
 
     origin.route("/overlong", overlong)
     client = await RawClient.connect(proxy.port)
-    await client.send(
-        h11.Request(method="GET", target=origin.url("/overlong"), headers=[("Host", "x")]),
-        h11.EndOfMessage(),
-    )
-    _, response, body, _ = await client.response()
+    response, body = await get(client, origin.url("/overlong"))
     assert (response.status_code, body) == (200, b"ok")
-    client.conn.start_next_cycle()
-    await client.send(
-        h11.Request(method="GET", target=origin.url("/x"), headers=[("Host", "x")]),
-        h11.EndOfMessage(),
-    )
-    _, response, _, _ = await client.response()
+    response, _ = await get(client, origin.url("/x"))
     assert response.status_code == 200
     assert origin.connections == 2  # the out-of-step socket was not reused
 
@@ -453,19 +444,10 @@ async def test_fast_request_that_fails_gets_an_error_response_and_the_connection
 
     origin.route("/vanish", vanish)
     client = await RawClient.connect(proxy.port)
-    await client.send(
-        h11.Request(method="GET", target=origin.url("/vanish"), headers=[("Host", "x")]),
-        h11.EndOfMessage(),
-    )
-    _, response, _, _ = await client.response()
+    response, _ = await get(client, origin.url("/vanish"))
     assert response.status_code == 502
     assert b"error=http_response_incomplete" in dict(response.headers)[b"proxy-status"]
-    client.conn.start_next_cycle()
-    await client.send(
-        h11.Request(method="GET", target=origin.url("/x"), headers=[("Host", "x")]),
-        h11.EndOfMessage(),
-    )
-    _, response, _, _ = await client.response()
+    response, _ = await get(client, origin.url("/x"))
     assert response.status_code == 200
 
 
@@ -505,11 +487,7 @@ async def test_hop_by_hop_fields_go_and_via_comes_on_the_fast_path(
     proxy = await start_proxy()
     monkeypatch.setattr(relay, "_receive_response_head", broken)
     client = await RawClient.connect(proxy.port)
-    await client.send(
-        h11.Request(method="GET", target=origin.url("/hop"), headers=[("Host", "x")]),
-        h11.EndOfMessage(),
-    )
-    _, response, body, _ = await client.response()
+    response, body = await get(client, origin.url("/hop"))
     names = [n for n, _ in response.headers]
     assert body == b"x"
     assert b"keep-alive" not in names and b"proxy-connection" not in names
@@ -540,11 +518,6 @@ async def test_the_fast_parser_is_used_only_without_the_cache(
     proxy = await start_proxy(**settings)
     client = await RawClient.connect(proxy.port)
     for _ in range(2):
-        await client.send(
-            h11.Request(method="GET", target=origin.url("/x"), headers=[("Host", "x")]),
-            h11.EndOfMessage(),
-        )
-        _, response, _, _ = await client.response()
+        response, _ = await get(client, origin.url("/x"))
         assert response.status_code == 200
-        client.conn.start_next_cycle()
     assert len(calls) == (0 if cache else 2)
