@@ -528,13 +528,13 @@ class ClientConnection:
             if not data:
                 return None
             # The common request, whole in one read: no h11 connection at all unless something
-            # needs one later (the h11 property). Not with the cache on: it answers through h11
-            # anyway (hits, and the tap on misses), and h11 would parse the head a second time.
-            if services.cache is None:
-                fast = fastpath.parse_request(data, max_head)
-                if fast is not None:
-                    self.fast_head = data
-                    return fast
+            # needs one later (the h11 property). With the cache on, a hit from its memory tier
+            # is answered without h11 too; a miss hands the head to h11 (parsed twice then, but
+            # the fast parse is a few microseconds of the tens h11 takes).
+            fast = fastpath.parse_request(data, max_head)
+            if fast is not None:
+                self.fast_head = data
+                return fast
             # A request starts: its own h11 connection, and the general way below.
             cc = self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
             head_checked = check_head_bytes(data, max_head) != HEAD_INCOMPLETE

@@ -62,6 +62,7 @@ from proxyd.cache.policy import Action, Decision, Header, Stored
 from proxyd.cache.store import BodyReader, BodyWriter, CacheStore, Entry, StoreError
 from proxyd.config import CacheConfig
 from proxyd.errors import ProxydError
+from proxyd.http import fastpath
 from proxyd.http.messages import Target, reason_phrase
 from proxyd.http.relay import (
     CONSUME,
@@ -756,11 +757,29 @@ class HttpCache:
             if reader is None:
                 return False
         try:
-            cc = client.h11
-            _consume_request_end(cc)
+            cached = reader.cached() if send_body and reader is not None else None
             self._add_ours(headers, cache_status, client)
             stats.status = status
             stats.upstream = "cache"
+            if client.fast_head is not None and (cached is not None or not send_body):
+                # A request http.fastpath parsed (a plain GET from an HTTP/1.1 keep-alive client)
+                # answered in one write: the bytes h11 would write, without h11 (which has not
+                # seen the request either; see client.ClientConnection.h11).
+                body = b""
+                if cached is not None:
+                    body = cached[first : last + 1] if count != size else cached
+                await client.send(
+                    fastpath.response_head(status, reason, headers) + body, self.idle_timeout
+                )
+                client.fast_head = None
+                stats.head_sent = True
+                if body:
+                    stats.bytes_out += len(body)
+                    self.metrics.cache_served_bytes.inc(len(body))
+                self.store.touch(entry)
+                return True
+            cc = client.h11
+            _consume_request_end(cc)
             out = cc.send(
                 h11.Response(status_code=status, headers=headers, reason=reason, _parsed=True)
             )
@@ -770,7 +789,6 @@ class HttpCache:
                 stats.head_sent = True
                 self.store.touch(entry)
                 return True
-            cached = reader.cached()
             if cached is not None:
                 body = cached[first : last + 1] if count != size else cached
                 out += cc.send(h11.Data(data=body)) if body else b""

@@ -171,6 +171,15 @@ def response_for_client(
     return status, b"".join(out), length, end + 4
 
 
+def response_head(status: int, reason: bytes, headers: Sequence[Header]) -> bytes:
+    """The response head h11 would write to an HTTP/1.1 keep-alive client for a response whose
+    framing its fields already give (a Content-Length, or a status without a body): the status
+    line, Host first should there be one (as h11's writer does), the fields, the blank line."""
+    fields = [b"%s: %s\r\n" % item for item in headers if item[0].lower() != b"host"]
+    hosts = [b"%s: %s\r\n" % item for item in headers if item[0].lower() == b"host"]
+    return b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, b"".join(hosts + fields))
+
+
 def request_head(method: bytes, target: bytes, headers: Sequence[Header]) -> bytes:
     """The request head h11 would write for a request without a body. ``headers`` come from
     ``rules.prepare_request``, which puts Host first and only there, where h11 puts it."""
