@@ -21,6 +21,7 @@ from tests.websocket.clients import (
     read_head,
     upgrade_request,
 )
+from tests.websocket.test_session import stream_pair, task_names
 from tests.websocket.ws_origin import WsOrigin
 
 TcpHandler = Callable[[trio.SocketStream], Awaitable[None]]
@@ -163,31 +164,8 @@ async def test_a_silent_tunnel_becomes_a_byte_tunnel_after_the_head_timeout(
 # --- sniff_tunnel on its own ----------------------------------------------------------------------
 
 
-async def socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    near = await trio.open_tcp_stream("127.0.0.1", port)
-    far = await listeners[0].accept()
-    for listener in listeners:
-        await listener.aclose()
-    return near, far
-
-
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-def all_task_names() -> list[str]:
-    root = trio.lowlevel.current_root_task()
-    assert root is not None
-    names: list[str] = []
-    pending = [root]
-    while pending:
-        task = pending.pop()
-        names.append(task.name)
-        for child in task.child_nurseries:
-            pending.extend(child.child_tasks)
-    return names
 
 
 UPGRADE = upgrade_request(CONNECT, 9, "/chat")
@@ -198,8 +176,8 @@ async def test_the_peek_waits_for_both_sides_in_one_task_and_leaks_nothing() -> 
     """On plain sockets the peek is one wait in the tunnel's own task (an epoll descriptor
     holding both sockets): no reader task per side to start and cancel. The descriptor is
     gone afterwards."""
-    client, client_far = await socket_pair()
-    origin_far, origin = await socket_pair()
+    client, client_far = await stream_pair()
+    origin_far, origin = await stream_pair()
     before = open_fds()
     results: list[Sniffed] = []
 
@@ -213,8 +191,8 @@ async def test_the_peek_waits_for_both_sides_in_one_task_and_leaks_nothing() -> 
             await client.send_all(UPGRADE[:10])
             await trio.sleep(0.05)  # a partial head: still waiting
             assert not results
-            assert not [name for name in all_task_names() if "read_client" in name]
-            assert not [name for name in all_task_names() if "read_origin" in name]
+            assert not [name for name in task_names() if "read_client" in name]
+            assert not [name for name in task_names() if "read_origin" in name]
             assert open_fds() == before + 1  # the epoll descriptor, while it waits
             await client.send_all(UPGRADE[10:])
     [sniffed] = results
@@ -228,8 +206,8 @@ async def test_the_peek_waits_for_both_sides_in_one_task_and_leaks_nothing() -> 
 async def test_a_banner_wins_over_a_partial_request_and_no_byte_is_lost() -> None:
     """The origin speaks while the client's bytes are not a whole head: a byte tunnel, with the
     banner for the client and the client's bytes (read, or still in its socket) for the origin."""
-    client, client_far = await socket_pair()
-    origin_far, origin = await socket_pair()
+    client, client_far = await stream_pair()
+    origin_far, origin = await stream_pair()
     with trio.fail_after(5):
         await client.send_all(b"GE")
         await origin_far.send_all(b"SSH-2.0-test\r\n")
@@ -247,8 +225,8 @@ async def test_a_banner_wins_over_a_partial_request_and_no_byte_is_lost() -> Non
 
 
 async def test_an_origin_that_closes_first_leaves_a_byte_tunnel() -> None:
-    client, client_far = await socket_pair()
-    origin_far, origin = await socket_pair()
+    client, client_far = await stream_pair()
+    origin_far, origin = await stream_pair()
     with trio.fail_after(5):
         await client.send_all(b"GET / HT")
         await origin_far.aclose()
@@ -259,8 +237,8 @@ async def test_an_origin_that_closes_first_leaves_a_byte_tunnel() -> None:
 
 
 async def test_a_silent_tunnel_is_idle_after_its_idle_timeout() -> None:
-    client, client_far = await socket_pair()
-    origin_far, origin = await socket_pair()
+    client, client_far = await stream_pair()
+    origin_far, origin = await stream_pair()
     before = open_fds()
     with trio.fail_after(5):
         sniffed = await sniff_tunnel(
