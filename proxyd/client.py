@@ -187,6 +187,10 @@ class IdleConnections:
     def discard(self, conn: ClientConnection) -> None:
         self._since.pop(conn, None)
 
+    def holds(self, conn: ClientConnection) -> bool:
+        """``conn`` still waits here (``close`` has not ended its wait)."""
+        return conn in self._since
+
     def close(self, conn: ClientConnection) -> None:
         """End ``conn`` now if it waits for a request (draining); otherwise nothing."""
         if self._since.pop(conn, None) is not None:
@@ -520,7 +524,13 @@ class ClientConnection:
             idle = services.idle
             idle.add(self, services.now())
             try:
-                data = await sockio.read_after_wait(self.stream)
+                # Let every other ready task run first, then read: under load the client has
+                # sent its next request by then, and the read needs no epoll registration.
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                if not idle.holds(self):
+                    return None  # ended meanwhile (idle timeout, draining): its wake-up is gone
+                maybe = sockio.try_read(self.stream)
+                data = await sockio.read_after_wait(self.stream) if maybe is None else maybe
             except trio.ClosedResourceError:
                 return None  # keep-alive idle timeout, or draining
             finally:

@@ -226,3 +226,13 @@ async def test_the_shared_placeholder_is_never_touched(proxy: RunningProxy, orig
     placeholder = client._WAITING
     assert placeholder.our_state is h11.IDLE and placeholder.their_state is h11.IDLE
     assert placeholder.trailing_data == (b"", False)
+
+
+def test_holds_tells_whether_a_wait_was_ended() -> None:
+    """A connection checks ``holds`` after yielding and before waiting: a ``close`` that came
+    in between (its wake-up then reached no waiter) still ends the connection."""
+    idle, conns, woken = idle_with("a", "b")
+    idle.close(conns[0])
+    assert not idle.holds(conns[0]) and idle.holds(conns[1])
+    idle.discard(conns[1])
+    assert not idle.holds(conns[1]) and woken == ["a"]

@@ -506,7 +506,7 @@ async def _forward_fast(
         raise ReadTimeout(f"sending the request to {stats.upstream} stalled")
     timeout = settings.response_head_timeout
     try:
-        maybe_data = await sockio.receive_within(conn.stream, timeout, wait_first=True)
+        maybe_data = await sockio.receive_after_others(conn.stream, timeout)
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         conn.broken = True
         if stats.retryable:

@@ -140,3 +140,40 @@ async def test_other_streams_take_trio_methods_under_the_same_rules() -> None:
         assert await sockio.receive_within(right, 5, wait_first=True) == b"abc"
         assert await sockio.receive_within(right, 0.1, wait_first=True) is None
         assert await sockio.receive_some(right, trio.current_time() + 0.1, wait_first=False) is None
+
+
+async def test_receive_after_others_reads_what_arrived_while_others_ran() -> None:
+    """The answer sent while other tasks ran is read without a wait; with nothing there it
+    waits like receive_within, and times out the same way."""
+    left, right = _pair()
+    order: list[str] = []
+
+    async def peer() -> None:
+        order.append("peer runs")
+        await right.send_all(b"answer")
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peer)
+            data = await sockio.receive_after_others(left, 5)
+            order.append("read")
+        assert data == b"answer" and order == ["peer runs", "read"]
+        assert await sockio.receive_after_others(left, 0.1) is None  # nothing came: timed out
+        await right.send_all(b"later")
+        assert await sockio.receive_after_others(left, 5) == b"later"
+
+
+async def test_try_read_never_waits() -> None:
+    left, right = _pair()
+    assert sockio.try_read(left) is None
+    await right.send_all(b"x")
+    with trio.fail_after(5):
+        await trio.lowlevel.wait_readable(left.socket)
+    assert sockio.try_read(left) == b"x"
+    await right.aclose()
+    with trio.fail_after(5):
+        await trio.lowlevel.wait_readable(left.socket)
+    assert sockio.try_read(left) == b""  # EOF
+    send, receive = trio.testing.memory_stream_pair()
+    await send.send_all(b"y")
+    assert sockio.try_read(receive) is None  # not a plain socket: never read here
