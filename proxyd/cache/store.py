@@ -184,6 +184,9 @@ TOUCH_INTERVAL: Final = 5.0
 TOUCH_BATCH: Final = 1000
 #: A use of an entry is recorded at most this often (see "LRU bookkeeping").
 TOUCH_GRANULARITY: Final = 30.0
+#: Bound on the entries whose last recorded use is remembered for that (emptied when full: it
+#: also holds evicted entries, and a cache that stores all the time must not grow with them).
+TOUCH_MEMORY: Final = 16_384
 #: Bound on the keys held in the memory copy of the index (oldest inserted go first).
 INDEX_MEMORY_KEYS: Final = 100_000
 #: ``lookup`` asks SQLite whether another process committed at most this often while lookups
@@ -1660,7 +1663,7 @@ class CacheStore:
         last = recorded.get(entry_id)
         if last is not None and now - last < self._touch_granularity:
             return  # recorded lately: the LRU is exact to TOUCH_GRANULARITY
-        if last is None and len(recorded) >= INDEX_MEMORY_KEYS:
+        if last is None and len(recorded) >= TOUCH_MEMORY:
             recorded.clear()  # bounded; forgetting only means one more write per entry
         recorded[entry_id] = now
         self._touches[entry_id] = now
