@@ -186,18 +186,7 @@ async def send_all(stream: trio.abc.Stream, data: bytes | list[bytes], timeout: 
         raise _stream_error(exc) from None
     if sent == len(data):
         return True
-    rest = memoryview(data)[sent:]
-    with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
-        while rest:
-            await wait_writable(fd)
-            try:
-                sent = os.write(fd, rest)
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                raise _stream_error(exc) from None
-            rest = rest[sent:]
-    return not scope.cancelled_caught
+    return await _write_rest(fd, [memoryview(data)[sent:]], timeout)
 
 
 async def _send_parts(fd: int, parts: list[bytes], timeout: float) -> bool:
@@ -210,7 +199,11 @@ async def _send_parts(fd: int, parts: list[bytes], timeout: float) -> bool:
         raise _stream_error(exc) from None
     if sent == total:
         return True
-    rest: list[bytes | memoryview] = _after(parts, sent)
+    return await _write_rest(fd, _after(parts, sent), timeout)
+
+
+async def _write_rest(fd: int, rest: list[bytes | memoryview], timeout: float) -> bool:
+    """What the kernel did not take at once, written as it makes room, within ``timeout``."""
     with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
         while rest:
             await wait_writable(fd)
