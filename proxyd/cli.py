@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import trio
 
 from proxyd import __version__
+from proxyd.allocator import tune_malloc
 from proxyd.config import ConfigError, load_config
 from proxyd.routing.errors import PacLoadError
 
@@ -118,6 +119,7 @@ def _netlog_main(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    tune_malloc()  # before any thread exists (proxyd/allocator.py)
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["hash-password"]:
         return _hash_password_main(args_list[1:])

@@ -64,6 +64,7 @@ import trio
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import CloseReason, ParseFailed
 
+from proxyd.http import sockio
 from proxyd.websocket.close import (
     AbortHop,
     Action,
@@ -268,7 +269,7 @@ async def _receive(stream: trio.abc.Stream) -> bytes:
             raise trio.ClosedResourceError("the stream was closed")
         data: bytes | None
         try:
-            data = os.read(fd, RECEIVE_SIZE)
+            data = sockio.read_now(fd)
         except BlockingIOError:
             data = None  # wait outside the handler: it would keep the exception (~0.5 KiB)
         except OSError as exc:

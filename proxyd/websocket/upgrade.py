@@ -550,7 +550,7 @@ def _read_now(fd: int) -> bytes | None:
     """What the socket has now: None when nothing (yet); ``b""`` at EOF, and for a reset or a
     closed socket too (that side has nothing more to say, as for a trio stream error)."""
     try:
-        return os.read(fd, RECEIVE_SIZE)
+        return sockio.read_now(fd)
     except BlockingIOError:
         return None
     except OSError:

@@ -177,3 +177,31 @@ async def test_try_read_never_waits() -> None:
     send, receive = trio.testing.memory_stream_pair()
     await send.send_all(b"y")
     assert sockio.try_read(receive) is None  # not a plain socket: never read here
+
+
+def test_read_now_gives_each_read_its_own_bytes_of_its_own_size() -> None:
+    """Reads share one scratch buffer (sockio.read_now): what a read returned must not change
+    with the next read, and be exactly as long as what came (a bytes object, not a view)."""
+    a, b = socket.socketpair()
+    with a, b:
+        b.setblocking(False)
+        a.sendall(b"first" * 1000)
+        first = sockio.read_now(b.fileno())
+        a.sendall(b"2nd")
+        second = sockio.read_now(b.fileno())
+        assert type(first) is bytes and type(second) is bytes
+        assert first == b"first" * 1000
+        assert second == b"2nd"
+        big = bytes(range(256)) * 320  # 80 KiB: more than one read's worth
+        a.sendall(big)
+        got = b""
+        while len(got) < len(big):
+            piece = sockio.read_now(b.fileno())
+            assert 0 < len(piece) <= sockio.RECEIVE_SIZE
+            got += piece
+        assert got == big
+        assert first == b"first" * 1000  # untouched by every later read
+        with pytest.raises(BlockingIOError):
+            sockio.read_now(b.fileno())
+        a.close()
+        assert sockio.read_now(b.fileno()) == b""  # EOF
