@@ -304,14 +304,19 @@ async def forward(
     fast = client.fast_head is not None and tap is None and not stats.netlog.active
     method = request.method
     up_request: h11.Request | None = None
-    if not fast:
+    ahead: bytes | None = None
+    if fast:
+        # Built before the wait for a socket: should the request queue, the pool writes it at
+        # the hand-over (pool.py, "writing ahead").
+        ahead = fastpath.request_head(method, path, headers)
+    else:
         up_request = h11.Request(method=method, target=path, headers=headers, _parsed=True)
     trailers = facts.accepts_trailers
     label = proxy.label if proxy is not None else None
     netlog = stats.netlog
     asked = trio.current_time() if netlog.active else None
     try:
-        conn = await pool.acquire(key, label)
+        conn = await pool.acquire(key, label, ahead=ahead)
     except ProxydError as exc:
         if netlog.active:
             wait = None if asked is None else trio.current_time() - asked
@@ -344,11 +349,12 @@ async def forward(
         else:
             for attempt in (1, 2):
                 try:
-                    if up_request is None:
+                    if ahead is not None:
                         await _forward_fast(
-                            client, conn, method, path, headers, settings, stats, trailers
+                            client, conn, method, path, headers, ahead, settings, stats, trailers
                         )
                     else:
+                        assert up_request is not None
                         await _forward_without_body(
                             client, conn, up_request, settings, stats, trailers, tap
                         )
@@ -473,17 +479,23 @@ async def _forward_fast(
     method: bytes,
     path: bytes,
     headers: list[tuple[bytes, bytes]],
+    head: bytes,
     settings: RelaySettings,
     stats: ExchangeStats,
     accepts_trailers: bool,
 ) -> None:
-    """``_forward_without_body`` for a request http.fastpath parsed: head up, response head
-    parsed by http.fastpath, body relayed by its Content-Length; neither h11 connection is
-    touched. A response outside the simple shape goes to h11 with the bytes read so far: h11 is
-    told the request it did not write (its own bytes for it are dropped), so it stands where it
-    would have, and the general path takes over."""
+    """``_forward_without_body`` for a request http.fastpath parsed: ``head`` (its bytes, from
+    ``fastpath.request_head``) up, response head parsed by http.fastpath, body relayed by its
+    Content-Length; neither h11 connection is touched. A response outside the simple shape goes
+    to h11 with the bytes read so far: h11 is told the request it did not write (its own bytes
+    for it are dropped), so it stands where it would have, and the general path takes over.
+    When the pool wrote the head ahead at a hand-over (``conn.sent_ahead``), only the rest is
+    sent, and the answer is read at once: other tasks ran since that write."""
     uc = conn.h11
-    if uc.our_state is not h11.IDLE or uc.their_state is not h11.IDLE or uc.trailing_data[0]:
+    ahead, conn.sent_ahead = conn.sent_ahead, 0
+    if not ahead and (
+        uc.our_state is not h11.IDLE or uc.their_state is not h11.IDLE or uc.trailing_data[0]
+    ):
         # Never for a pooled socket (a finished exchange leaves h11 IDLE and empty): h11's way.
         up_request = h11.Request(method=method, target=path, headers=headers, _parsed=True)
         await _forward_without_body(
@@ -493,20 +505,28 @@ async def _forward_fast(
     if stats.reused:
         settings.metrics.inc_upstream_reuses(1)
     conn.requests += 1
-    try:
-        sent = await sockio.send_all(
-            conn.stream, fastpath.request_head(method, path, headers), settings.idle_read_timeout
-        )
-    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        if stats.retryable:
-            raise _StaleConnection from exc
-        raise ResponseIncomplete(f"the origin {stats.upstream} closed the connection") from None
-    if not sent:
-        conn.broken = True
-        raise ReadTimeout(f"sending the request to {stats.upstream} stalled")
+    if ahead < len(head):
+        try:
+            sent = await sockio.send_all(
+                conn.stream, head[ahead:] if ahead else head, settings.idle_read_timeout
+            )
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            if stats.retryable:
+                raise _StaleConnection from exc
+            raise ResponseIncomplete(f"the origin {stats.upstream} closed the connection") from None
+        if not sent:
+            conn.broken = True
+            raise ReadTimeout(f"sending the request to {stats.upstream} stalled")
+        ahead = 0
     timeout = settings.response_head_timeout
     try:
-        maybe_data = await sockio.receive_after_others(conn.stream, timeout)
+        if ahead:
+            # The whole head went at the hand-over, and other tasks ran since: read now.
+            maybe_data = sockio.try_read(conn.stream)
+            if maybe_data is None:
+                maybe_data = await sockio.receive_within(conn.stream, timeout, wait_first=True)
+        else:
+            maybe_data = await sockio.receive_after_others(conn.stream, timeout)
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         conn.broken = True
         if stats.retryable:

@@ -19,7 +19,7 @@ import trio.testing
 from proxyd import _h11 as proxyd_h11
 from proxyd.config import PoolConfig
 from proxyd.errors import ConnectionLimitReached, DestinationUnavailable
-from proxyd.upstream.pool import Pool
+from proxyd.upstream.pool import Pool, UpstreamConnection
 from tests.conftest import StartProxy, eventually
 from tests.origin import Exchange, Origin
 
@@ -256,3 +256,146 @@ async def test_a_stopping_pool_fails_its_waiters_at_once() -> None:
             await trio.testing.wait_all_tasks_blocked()
             pool_nursery.cancel_scope.cancel()  # the pool stops
     assert len(errors) == 1
+
+
+# --- writing ahead: the queued request's head goes out at the hand-over --------------------------
+
+
+def _peer_connector(peers: list[socket.socket]) -> Callable[[object], Awaitable[trio.abc.Stream]]:
+    async def connect(key: object) -> trio.abc.Stream:
+        left, right = socket.socketpair()
+        right.setblocking(False)
+        peers.append(right)  # the "origin": the test reads what the pool wrote
+        return trio.SocketStream(trio.socket.from_stdlib_socket(left))
+
+    return connect
+
+
+def _finish_exchange(conn: object) -> None:
+    """Make a held connection's exchange look finished to h11, as the relay's would be."""
+    ph11 = proxyd_h11.h11
+    uc = conn.h11  # type: ignore[attr-defined]
+    uc.send(ph11.Request(method="GET", target="/", headers=[("Host", "x")]))
+    uc.send(ph11.EndOfMessage())
+    uc.receive_data(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert type(uc.next_event()) is ph11.Response
+    assert type(uc.next_event()) is ph11.EndOfMessage
+
+
+HEAD = b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+async def test_the_hand_over_writes_the_waiters_head_before_it_runs(nursery: trio.Nursery) -> None:
+    """A request queued behind a full group with its head (``ahead``) finds it written when it
+    gets the socket: the pool wrote it in ``release``, before the waiter's task ran again."""
+    peers: list[socket.socket] = []
+    pool = Pool(PoolConfig(per_group=1, timeout=30), connector=_peer_connector(peers))
+    await nursery.start(pool.run)
+    got: list[UpstreamConnection] = []
+
+    async def second() -> None:
+        got.append(await pool.acquire("group", None, ahead=HEAD))
+
+    with trio.fail_after(5):
+        held = await pool.acquire("group", None)
+        assert held.sent_ahead == 0
+        async with trio.open_nursery() as inner:
+            inner.start_soon(second)
+            await trio.testing.wait_all_tasks_blocked()
+            _finish_exchange(held)
+            pool.release(held, reusable=True)
+            assert got == []  # the waiter has not run yet...
+            assert peers[0].recv(1000) == HEAD  # ...and its request is on the wire already
+    assert got == [held]
+    assert held.sent_ahead == len(HEAD)
+
+
+async def test_no_write_ahead_without_a_wait_or_a_head(nursery: trio.Nursery) -> None:
+    """A request that gets an idle socket at once sends its own head (nothing written ahead),
+    and a waiter without a head gets a socket with nothing written on it."""
+    peers: list[socket.socket] = []
+    pool = Pool(PoolConfig(per_group=1, timeout=30), connector=_peer_connector(peers))
+    await nursery.start(pool.run)
+    got: list[UpstreamConnection] = []
+
+    async def second() -> None:
+        got.append(await pool.acquire("group", None))
+
+    with trio.fail_after(5):
+        held = await pool.acquire("group", None, ahead=HEAD)
+        assert held.sent_ahead == 0
+        async with trio.open_nursery() as inner:
+            inner.start_soon(second)
+            await trio.testing.wait_all_tasks_blocked()
+            _finish_exchange(held)
+            pool.release(held, reusable=True)
+    assert got == [held] and held.sent_ahead == 0
+    with pytest.raises(BlockingIOError):
+        peers[0].recv(1000)
+
+
+async def test_a_socket_with_a_head_written_ahead_is_closed_when_its_waiter_vanishes(
+    nursery: trio.Nursery,
+) -> None:
+    """The waiter's wait is cancelled, and before its task runs to leave the queue the socket is
+    handed to it with its head written: the answer to that request will come on this socket, so
+    nobody else may get it: it is closed, and the group's slot freed."""
+    peers: list[socket.socket] = []
+    pool = Pool(PoolConfig(per_group=1, timeout=30), connector=_peer_connector(peers))
+    await nursery.start(pool.run)
+    with trio.fail_after(5):
+        held = await pool.acquire("group", None)
+        async with trio.open_nursery() as inner:
+            cancel = trio.CancelScope()
+
+            async def second() -> None:
+                with cancel:
+                    await pool.acquire("group", None, ahead=HEAD)
+
+            inner.start_soon(second)
+            await trio.testing.wait_all_tasks_blocked()
+            _finish_exchange(held)
+            cancel.cancel()  # the wait is aborted; the waiter is still queued until it runs
+            pool.release(held, reusable=True)  # handed to it, head written ahead
+        assert peers[0].recv(1000) == HEAD
+        stats = pool.state.stats()
+        assert all(group.idle == 0 and group.active == 0 for group in stats), stats
+        assert held.stream.socket.fileno() == -1  # type: ignore[attr-defined]
+        # The group's slot came back: a new request gets a new socket.
+        fresh = await pool.acquire("group", None)
+        assert fresh is not held and len(peers) == 2
+        pool.release(fresh, reusable=False)
+
+
+async def test_queued_fast_requests_each_get_their_own_answer(
+    start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    """End to end with one socket per origin: forty plain GETs queue behind it, most get the
+    socket by hand-over with their head written ahead, and each gets the answer to its own
+    path (a request written for one client and read by another would show here)."""
+    origin = await start_origin(nursery, "127.0.0.2")
+
+    async def echo_path(exchange: Exchange) -> None:
+        await exchange.read_body()
+        await trio.sleep(0.001)
+        await exchange.respond(200, exchange.request.target)
+
+    for index in range(40):
+        origin.route(f"/p{index}", echo_path)
+    proxy = await start_proxy(**{"pool.per_group": 1})
+    bodies: dict[int, bytes] = {}
+    async with httpx.AsyncClient(
+        proxy=proxy.url, limits=httpx.Limits(max_connections=40)
+    ) as client:
+
+        async def one(index: int) -> None:
+            response = await client.get(origin.url(f"/p{index}"))
+            assert response.status_code == 200
+            bodies[index] = response.content
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as inner:
+                for index in range(40):
+                    inner.start_soon(one, index)
+    assert bodies == {index: f"/p{index}".encode() for index in range(40)}
+    assert origin.connections == 1  # all forty over the one pooled socket
