@@ -29,7 +29,10 @@ has the simple shape (HTTP/1.1, a Content-Length, nothing that needs h11), its h
 for the client by ``fastpath.response_for_client`` and the body relayed by count, and neither h11
 connection is touched: both stay IDLE, which the pool takes as reusable. Anything else hands the
 bytes read so far to h11 (told of the request it did not write, so it stands where it would
-have) and the general path finishes the exchange. Half of the CPU of a proxied small GET was h11's
+have) and the general path finishes the exchange. The request's head is built before the wait for a
+socket: should the request queue (more clients of an origin than ``pool.per_group``), the pool
+writes it at the hand-over (pool.py, "writing ahead"), and the woken request reads its answer at
+once, one scheduler pass sooner. Half of the CPU of a proxied small GET was h11's
 state machine; this is most of why a 1 KiB request costs ~90 µs and not ~180.
 
 Failure rules: before the client has seen a byte of the final response, a failure becomes a
