@@ -285,28 +285,46 @@ def _finish_exchange(conn: object) -> None:
 HEAD = b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
+async def _queue_and_hand_over(
+    pool: Pool,
+    held: UpstreamConnection,
+    ahead: bytes | None,
+    before_it_runs: Callable[[], None] = lambda: None,
+) -> UpstreamConnection:
+    """Queue a second request of the group (with ``ahead``) behind ``held``, finish ``held``'s
+    exchange and release it; the socket the waiter got. ``before_it_runs`` is called right
+    after the release, before the waiter's task runs again."""
+    got: list[UpstreamConnection] = []
+
+    async def second() -> None:
+        got.append(await pool.acquire("group", None, ahead=ahead))
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(second)
+        await trio.testing.wait_all_tasks_blocked()
+        _finish_exchange(held)
+        pool.release(held, reusable=True)
+        assert got == []  # the waiter has not run yet
+        before_it_runs()
+    assert len(got) == 1
+    return got[0]
+
+
 async def test_the_hand_over_writes_the_waiters_head_before_it_runs(nursery: trio.Nursery) -> None:
     """A request queued behind a full group with its head (``ahead``) finds it written when it
     gets the socket: the pool wrote it in ``release``, before the waiter's task ran again."""
     peers: list[socket.socket] = []
     pool = Pool(PoolConfig(per_group=1, timeout=30), connector=_peer_connector(peers))
     await nursery.start(pool.run)
-    got: list[UpstreamConnection] = []
-
-    async def second() -> None:
-        got.append(await pool.acquire("group", None, ahead=HEAD))
-
+    on_the_wire: list[bytes] = []
     with trio.fail_after(5):
         held = await pool.acquire("group", None)
         assert held.sent_ahead == 0
-        async with trio.open_nursery() as inner:
-            inner.start_soon(second)
-            await trio.testing.wait_all_tasks_blocked()
-            _finish_exchange(held)
-            pool.release(held, reusable=True)
-            assert got == []  # the waiter has not run yet...
-            assert peers[0].recv(1000) == HEAD  # ...and its request is on the wire already
-    assert got == [held]
+        got = await _queue_and_hand_over(
+            pool, held, HEAD, lambda: on_the_wire.append(peers[0].recv(1000))
+        )
+    assert on_the_wire == [HEAD]  # written before the waiter ran
+    assert got is held
     assert held.sent_ahead == len(HEAD)
 
 
@@ -316,20 +334,11 @@ async def test_no_write_ahead_without_a_wait_or_a_head(nursery: trio.Nursery) ->
     peers: list[socket.socket] = []
     pool = Pool(PoolConfig(per_group=1, timeout=30), connector=_peer_connector(peers))
     await nursery.start(pool.run)
-    got: list[UpstreamConnection] = []
-
-    async def second() -> None:
-        got.append(await pool.acquire("group", None))
-
     with trio.fail_after(5):
         held = await pool.acquire("group", None, ahead=HEAD)
         assert held.sent_ahead == 0
-        async with trio.open_nursery() as inner:
-            inner.start_soon(second)
-            await trio.testing.wait_all_tasks_blocked()
-            _finish_exchange(held)
-            pool.release(held, reusable=True)
-    assert got == [held] and held.sent_ahead == 0
+        got = await _queue_and_hand_over(pool, held, None)
+    assert got is held and held.sent_ahead == 0
     with pytest.raises(BlockingIOError):
         peers[0].recv(1000)
 
