@@ -496,9 +496,7 @@ async def _forward_fast(
     sent, and the answer is read at once: other tasks ran since that write."""
     uc = conn.h11
     ahead, conn.sent_ahead = conn.sent_ahead, 0
-    if not ahead and (
-        uc.our_state is not h11.IDLE or uc.their_state is not h11.IDLE or uc.trailing_data[0]
-    ):
+    if not ahead and not conn.between_exchanges():
         # Never for a pooled socket (a finished exchange leaves h11 IDLE and empty): h11's way.
         up_request = h11.Request(method=method, target=path, headers=headers, _parsed=True)
         await _forward_without_body(
@@ -510,9 +508,7 @@ async def _forward_fast(
     conn.requests += 1
     if ahead < len(head):
         try:
-            sent = await sockio.send_all(
-                conn.stream, head[ahead:] if ahead else head, settings.idle_read_timeout
-            )
+            sent = await sockio.send_all(conn.stream, head[ahead:], settings.idle_read_timeout)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             if stats.retryable:
                 raise _StaleConnection from exc

@@ -101,6 +101,12 @@ class UpstreamConnection:
         self.sent_ahead = 0
         self._raw: trio.socket.SocketType | None = None
 
+    def between_exchanges(self) -> bool:
+        """h11 is idle both ways with nothing buffered: the next request may go out as bytes
+        (a finished exchange leaves it so; the fast path and writing ahead rely on it)."""
+        uc = self.h11
+        return uc.our_state is h11.IDLE and uc.their_state is h11.IDLE and not uc.trailing_data[0]
+
     def _socket(self) -> trio.socket.SocketType:
         raw = self._raw
         if raw is not None:
@@ -177,14 +183,7 @@ def _write_ahead(conn: UpstreamConnection, head: bytes) -> int:
     is between exchanges); how much. 0 on any doubt or error: the waiter then sends it all and
     meets the error itself, as it would have."""
     stream = conn.stream
-    uc = conn.h11
-    if (
-        type(stream) is not trio.SocketStream
-        or conn.broken
-        or uc.our_state is not h11.IDLE
-        or uc.their_state is not h11.IDLE
-        or uc.trailing_data[0]
-    ):
+    if type(stream) is not trio.SocketStream or conn.broken or not conn.between_exchanges():
         return 0
     try:
         return os.write(stream.socket.fileno(), head)

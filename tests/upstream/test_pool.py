@@ -224,14 +224,7 @@ async def test_a_waiter_gets_a_released_socket_at_once(nursery: trio.Nursery) ->
             inner.start_soon(second)
             await trio.testing.wait_all_tasks_blocked()
             assert pool.state.stats()[0].waiting == 1
-            # Make the exchange look finished to h11, as the relay's would be (the pool's
-            # connections use proxyd's h11 build, which may be the compiled one).
-            ph11 = proxyd_h11.h11
-            held.h11.send(ph11.Request(method="GET", target="/", headers=[("Host", "x")]))
-            held.h11.send(ph11.EndOfMessage())
-            held.h11.receive_data(b"HTTP/1.1 204 No Content\r\n\r\n")
-            assert type(held.h11.next_event()) is ph11.Response
-            assert type(held.h11.next_event()) is ph11.EndOfMessage
+            _finish_exchange(held)
             pool.release(held, reusable=True)
     assert got == [held]
 
@@ -271,10 +264,11 @@ def _peer_connector(peers: list[socket.socket]) -> Callable[[object], Awaitable[
     return connect
 
 
-def _finish_exchange(conn: object) -> None:
-    """Make a held connection's exchange look finished to h11, as the relay's would be."""
+def _finish_exchange(conn: UpstreamConnection) -> None:
+    """Make a held connection's exchange look finished to h11, as the relay's would be (the
+    pool's connections use proxyd's h11 build, which may be the compiled one)."""
     ph11 = proxyd_h11.h11
-    uc = conn.h11  # type: ignore[attr-defined]
+    uc = conn.h11
     uc.send(ph11.Request(method="GET", target="/", headers=[("Host", "x")]))
     uc.send(ph11.EndOfMessage())
     uc.receive_data(b"HTTP/1.1 204 No Content\r\n\r\n")
