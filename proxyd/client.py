@@ -114,7 +114,7 @@ RECENT_ERRORS: Final = 50
 #: The h11 connection of a client connection waiting for a request with nothing buffered (a new
 #: connection, or one between requests): shared, and never used. A connection makes its own when
 #: the first bytes of a request arrive, so an idle one holds no h11 state (~0.9 KiB each), and
-#: between requests a fresh h11 connection costs less than h11's ``start_next_cycle`` (``_loop``).
+#: between requests a fresh h11 connection costs less than h11's ``start_next_cycle`` (``run``).
 _WAITING: Final = h11.Connection(h11.SERVER)
 
 
@@ -423,14 +423,88 @@ class ClientConnection:
     # --- the request loop -------------------------------------------------------------------
 
     async def run(self) -> None:
+        """The connection's task: its request loop, then the close. The loop is written out
+        here, the wait for the next request included: every coroutine frame between the task
+        and a wait is crossed twice per request (suspend and resume), and an idle connection
+        keeps each one (see the module docstring, Memory)."""
         services = self.services
         services.connections.add(self)
         metrics = services.metrics
         metrics.client_connections_active.inc()
         if services.netlog.active:
             services.netlog.emit(self.conn_id, None, "accepted", peer=self.client_address)
+        max_head = services.config.client.max_head_size
         try:
-            await self._loop()
+            while True:
+                self._logged = False
+                try:
+                    if self._h11 is _WAITING:
+                        # Between requests with nothing buffered (the usual case). We just
+                        # answered the previous request, so the next one cannot be here yet:
+                        # wait, then read (http.sockio), rather than a read that fails first.
+                        # The idle timeout and draining end the wait through IdleConnections.
+                        if services.draining:
+                            return
+                        idle = services.idle
+                        idle.add(self, services.now())
+                        try:
+                            # Let every other ready task run first, then read: under load the
+                            # client has sent its next request by then, and the read needs no
+                            # epoll registration.
+                            await trio.lowlevel.cancel_shielded_checkpoint()
+                            if not idle.holds(self):
+                                return  # ended meanwhile (idle timeout, draining)
+                            maybe = sockio.try_read(self.stream)
+                            if maybe is None:
+                                maybe = await sockio.read_after_wait(self.stream)
+                        except trio.ClosedResourceError:
+                            return  # keep-alive idle timeout, or draining
+                        finally:
+                            idle.discard(self)
+                        if not maybe:
+                            return
+                        # The common request, whole in one read: no h11 connection at all
+                        # unless something needs one later (the h11 property). With the cache
+                        # on, a hit from its memory tier is answered without h11 too; a miss
+                        # hands the head to h11 (parsed twice then, but the fast parse is a few
+                        # microseconds of the tens h11 takes).
+                        request = fastpath.parse_request(maybe, max_head)
+                        if request is not None:
+                            self.fast_head = maybe
+                        else:
+                            request = await self._read_request(maybe)
+                    else:
+                        request = await self._read_request(None)
+                except ProxydError as exc:
+                    self.req_id = next(_request_ids)
+                    await self._send_error(exc, b"-", "-", trio.current_time())
+                    return
+                if request is None:
+                    return
+                self.req_id = next(_request_ids)
+                keep_alive = await self._serve(request)
+                del request  # not kept alive (~0.5 KiB of head) while waiting for the next one
+                if not keep_alive or services.draining:
+                    return
+                if self.fast_head is not None:
+                    return  # never: the fast relay or h11 has taken the head (defensive)
+                # Read after the exchange, and not kept across the next one: a tunnelled
+                # WebSocket replaces self.h11, and the CONNECT's connection must not outlive it
+                # (~0.9 KiB).
+                cc = self._h11
+                if cc is _WAITING:
+                    continue  # relayed by http.fastpath: h11 never saw it, nothing is buffered
+                if cc.our_state is not h11.DONE or cc.their_state is not h11.DONE:
+                    # e.g. the origin answered before the whole body came: close in stages so
+                    # the unread upload does not turn the close into a reset that destroys the
+                    # answer.
+                    self._linger = True
+                    return
+                if cc.trailing_data[0]:
+                    cc.start_next_cycle()  # pipelined bytes are buffered: parse them next
+                else:
+                    self.h11 = _WAITING  # nothing to keep while idle (see _WAITING)
+                del cc
         except ClientGone as exc:
             log.debug("c%d: %s", self.conn_id, exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -473,83 +547,18 @@ class ClientConnection:
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 return
 
-    async def _loop(self) -> None:
-        services = self.services
-        while True:
-            self._logged = False
-            try:
-                request = await self._read_request()
-            except ProxydError as exc:
-                self.req_id = next(_request_ids)
-                await self._send_error(exc, b"-", "-", trio.current_time())
-                return
-            if request is None:
-                return
-            self.req_id = next(_request_ids)
-            keep_alive = await self._serve(request)
-            del request  # not kept alive (~0.5 KiB of head) while waiting for the next one
-            if not keep_alive or services.draining:
-                return
-            if self.fast_head is not None:
-                return  # never: the fast relay or h11 has taken the head (defensive)
-            # Read after the exchange, and not kept across the next one: a tunnelled WebSocket
-            # replaces self.h11, and the CONNECT's connection must not outlive it (~0.9 KiB).
-            cc = self._h11
-            if cc is _WAITING:
-                continue  # relayed by http.fastpath: h11 never saw it, nothing is buffered
-            if cc.our_state is not h11.DONE or cc.their_state is not h11.DONE:
-                # e.g. the origin answered before the whole body came: close in stages so the
-                # unread upload does not turn the close into a reset that destroys the answer.
-                self._linger = True
-                return
-            if cc.trailing_data[0]:
-                cc.start_next_cycle()  # pipelined bytes are buffered: parse them next
-            else:
-                self.h11 = _WAITING  # nothing to keep while idle (see _WAITING)
-            del cc
-
-    async def _read_request(self) -> _h11.Request | None:
-        """Next request head, or None when the client closed (or idled out) between requests."""
-        cc = self._h11
-        services = self.services
-        config = services.config.client
-        max_head = config.max_head_size
-        if cc is _WAITING:
-            # Between requests with nothing buffered (the usual case). We just answered the
-            # previous request, so the next one cannot be here yet: wait, then read
-            # (http.sockio), rather than a read that fails first. The idle timeout and draining
-            # end the wait through IdleConnections.
-            if services.draining:
-                return None
-            idle = services.idle
-            idle.add(self, services.now())
-            try:
-                # Let every other ready task run first, then read: under load the client has
-                # sent its next request by then, and the read needs no epoll registration.
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                if not idle.holds(self):
-                    return None  # ended meanwhile (idle timeout, draining): its wake-up is gone
-                maybe = sockio.try_read(self.stream)
-                data = await sockio.read_after_wait(self.stream) if maybe is None else maybe
-            except trio.ClosedResourceError:
-                return None  # keep-alive idle timeout, or draining
-            finally:
-                idle.discard(self)
-            if not data:
-                return None
-            # The common request, whole in one read: no h11 connection at all unless something
-            # needs one later (the h11 property). With the cache on, a hit from its memory tier
-            # is answered without h11 too; a miss hands the head to h11 (parsed twice then, but
-            # the fast parse is a few microseconds of the tens h11 takes).
-            fast = fastpath.parse_request(data, max_head)
-            if fast is not None:
-                self.fast_head = data
-                return fast
-            # A request starts: its own h11 connection, and the general way below.
+    async def _read_request(self, data: bytes | None) -> _h11.Request | None:
+        """The next request head by h11, or None when the client closed: ``data`` is the first
+        read of a request that is not of http.fastpath's shape (``run`` did the wait and the
+        read), None when pipelined bytes are buffered in the h11 connection."""
+        max_head = self.services.config.client.max_head_size
+        if data is not None:
+            # A request starts: its own h11 connection.
             cc = self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
             head_checked = check_head_bytes(data, max_head) != HEAD_INCOMPLETE
             cc.receive_data(data)
             return await self._read_request_head(cc, data, head_checked, waited=True)
+        cc = self._h11
         pending = cc.trailing_data[0]
         # Pipelined bytes: their head is checked, and the head timeout starts now.
         head_checked = bool(pending) and check_head_bytes(pending, max_head) != HEAD_INCOMPLETE
@@ -669,7 +678,23 @@ class ClientConnection:
                     self, method, list(request.headers), target, facts.headers, stats, fetch
                 )
             else:
-                await self._forward(request, target, facts, stats, None, None)
+                routes = (
+                    None
+                    if netlog.active
+                    else services.router.decide_static(target.host, target.port)
+                )
+                if routes is not None and len(routes) == 1:
+                    # One static route (the usual case): relayed from here, one coroutine frame
+                    # fewer under every wait of the exchange than through ``_forward``.
+                    route = routes[0]
+                    stats.route = route.label
+                    stats.route_kind = route_kind(route)
+                    try:
+                        await forward(self, request, target, facts, services.relay, stats, route)
+                    except ProxydError as exc:
+                        self._route_failed(routes, 0, exc, stats)  # re-raises: no route left
+                else:
+                    await self._forward(request, target, facts, stats, None, None, routes)
         except ProxydError as exc:
             if stats.head_sent:  # too late for an error response: cut the connection
                 log.info("c%d: %s", self.conn_id, exc.detail)
@@ -843,17 +868,16 @@ class ClientConnection:
         stats: ExchangeStats,
         tap: ResponseTap | None,
         headers: list[tuple[bytes, bytes]] | None,
+        routes: RouteList | None = None,
     ) -> None:
         """Route the request and relay it (http.relay.forward), failing over like
         ``_with_failover``; written out rather than through it, so the per-request path creates
-        no closure and has one coroutine frame less under every await."""
+        no closure and has one coroutine frame less under every await. ``routes``: the static
+        decision when the caller made it already (None: decide here)."""
         services = self.services
         # Static routing needs no await (and no URL text); PAC and the NetLog take _decide.
-        routes = (
-            None
-            if services.netlog.active
-            else services.router.decide_static(target.host, target.port)
-        )
+        if routes is None and not services.netlog.active:
+            routes = services.router.decide_static(target.host, target.port)
         if routes is None:
             routes = await self._decide(
                 target.scheme.decode("ascii"),

@@ -163,12 +163,7 @@ class _Waiter:
     def done(self) -> bool:
         return self.conn is not None or self.error is not None
 
-    async def wait(self) -> None:
-        """Park until ``wake`` (or a cancellation: the caller's scope bounds the wait)."""
-        self.task = trio.lowlevel.current_task()
-        await trio.lowlevel.wait_task_rescheduled(self._abort)
-
-    def _abort(self, raise_cancel: object) -> trio.lowlevel.Abort:
+    def abort(self, raise_cancel: object) -> trio.lowlevel.Abort:
         self.task = None
         return trio.lowlevel.Abort.SUCCEEDED
 
@@ -367,13 +362,50 @@ class Pool:
     ) -> UpstreamConnection:
         """A socket of ``key`` (``proxy``: the label it counts against), reused or new.
         ``ahead``: the request head, written at a hand-over when the request had to queue (then
-        ``sent_ahead`` of the socket says how much of it went; module docstring)."""
+        ``sent_ahead`` of the socket says how much of it went; module docstring).
+
+        The wait is written out here rather than in a helper coroutine: with more clients than
+        ``per_group`` sockets nearly every request parks here, and each coroutine frame between
+        the task and its park is crossed twice per request (suspend and resume)."""
         while True:
             socket_id = None if fresh else self.state.take_idle(key, self._clock())
             if socket_id is not None:
                 conn = self._conns[socket_id]
             else:
-                conn = await self._acquire_once(key, proxy, fresh, ahead)
+                waiter_id = next(self._ids)
+                waiter = _Waiter(ahead)
+                self._waiters[waiter_id] = waiter
+                try:
+                    if not fresh and self.state.queue_if_full(key, waiter_id):
+                        limited = True  # the common wait: the group is at its limit
+                    else:
+                        plan = self.state.request(key, proxy, waiter_id, self._clock(), fresh=fresh)
+                        limited = not waiter.done and not plan.connects
+                        self._apply(plan)
+                    if not waiter.done:
+                        started = self._before_wait(waiter, limited)
+                        waiter.task = trio.lowlevel.current_task()
+                        if self._nursery is not None:
+                            # The reaper (run) wakes it at its deadline (_before_wait).
+                            await trio.lowlevel.wait_task_rescheduled(waiter.abort)
+                        else:  # a pool that is not running (some tests): a scope bounds the wait
+                            with trio.CancelScope(deadline=waiter.deadline):
+                                await trio.lowlevel.wait_task_rescheduled(waiter.abort)
+                        self._after_wait(waiter, limited, started)
+                except BaseException:
+                    # Cancelled (the client left) or timed out after all: a socket granted in the
+                    # meantime goes back untouched, or its slot would leak.
+                    if waiter.conn is not None:
+                        self._return_unused(waiter.conn)
+                    raise
+                finally:
+                    del self._waiters[waiter_id]
+                    if not waiter.done:
+                        self._apply(self.state.cancel(key, waiter_id))
+                if waiter.error is not None:
+                    raise waiter.error
+                assert waiter.conn is not None
+                conn = waiter.conn
             if conn.was_idle and conn.is_readable():
                 # The origin closed it while it idled: discard, and ask again.
                 conn.close_now()
@@ -385,58 +417,33 @@ class Pool:
             conn.was_idle = False
             return conn
 
-    async def _acquire_once(
-        self, key: GroupKey, proxy: str | None, fresh: bool, ahead: bytes | None
-    ) -> UpstreamConnection:
-        waiter_id = next(self._ids)
-        waiter = _Waiter(ahead)
-        self._waiters[waiter_id] = waiter
-        try:
-            if not fresh and self.state.queue_if_full(key, waiter_id):
-                limited = True  # the common wait: the group is at its limit
-            else:
-                plan = self.state.request(key, proxy, waiter_id, self._clock(), fresh=fresh)
-                limited = not waiter.done and not plan.connects
-                self._apply(plan)
-            if not waiter.done:
-                metrics = self._metrics
-                started = self._clock()
-                if limited and metrics is not None:
-                    metrics.inc_pool_waits(1)
-                timeout = self.config.timeout
-                deadline = (started if self._trio_clock else trio.current_time()) + timeout
-                if self._nursery is not None:
-                    # The reaper (run) wakes it at the deadline; wake the reaper first if it
-                    # sleeps past that (a first waiter, or a timeout shorter than its tick).
-                    waiter.deadline = deadline
-                    if deadline < self._reaper_until:
-                        self._reaper.unpark_all()
-                    await waiter.wait()
-                else:  # a pool that is not running (some tests): a scope bounds the wait
-                    with trio.CancelScope(deadline=deadline):
-                        await waiter.wait()
-                if limited and metrics is not None:
-                    metrics.observe_pool_wait(self._clock() - started)
-                if not waiter.done:
-                    if metrics is not None:
-                        metrics.pool_wait_timeouts.inc()
-                    raise ConnectionLimitReached(
-                        f"no upstream connection became available within {self.config.timeout:g}s"
-                    )
-        except BaseException:
-            # Cancelled (the client left) or timed out after all: a socket granted in the
-            # meantime goes back untouched, or its slot would leak.
-            if waiter.conn is not None:
-                self._return_unused(waiter.conn)
-            raise
-        finally:
-            del self._waiters[waiter_id]
-            if not waiter.done:
-                self._apply(self.state.cancel(key, waiter_id))
-        if waiter.error is not None:
-            raise waiter.error
-        assert waiter.conn is not None
-        return waiter.conn
+    def _before_wait(self, waiter: _Waiter, limited: bool) -> float:
+        """Start ``waiter``'s wait: its deadline (``pool.timeout``), the reaper woken should it
+        sleep past that, the wait counted when the group is at its limit; the start time."""
+        started = self._clock()
+        metrics = self._metrics
+        if limited and metrics is not None:
+            metrics.inc_pool_waits(1)
+        timeout = self.config.timeout
+        waiter.deadline = (started if self._trio_clock else trio.current_time()) + timeout
+        # Wake the reaper first if it sleeps past that (a first waiter, or a timeout shorter
+        # than its tick). Without a running pool ``acquire`` bounds the wait with a scope.
+        if self._nursery is not None and waiter.deadline < self._reaper_until:
+            self._reaper.unpark_all()
+        return started
+
+    def _after_wait(self, waiter: _Waiter, limited: bool, started: float) -> None:
+        """End ``waiter``'s wait: its duration observed; ConnectionLimitReached when it ended
+        with neither a socket nor an error (``pool.timeout``)."""
+        metrics = self._metrics
+        if limited and metrics is not None:
+            metrics.observe_pool_wait(self._clock() - started)
+        if not waiter.done:
+            if metrics is not None:
+                metrics.pool_wait_timeouts.inc()
+            raise ConnectionLimitReached(
+                f"no upstream connection became available within {self.config.timeout:g}s"
+            )
 
     def release(self, conn: UpstreamConnection, *, reusable: bool) -> None:
         """The exchange is over. Reusable only when HTTP allows it and nothing broke."""
