@@ -97,6 +97,8 @@ from proxyd.websocket.upgrade import (
 
 # The module under a second name: inside ClientConnection, ``h11`` is the property.
 _h11 = h11
+#: A request head as the loop serves it: h11's, or http.fastpath's for the common plain GET.
+AnyRequest = _h11.Request | fastpath.FastRequest
 _T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
@@ -468,7 +470,7 @@ class ClientConnection:
                         # on, a hit from its memory tier is answered without h11 too; a miss
                         # hands the head to h11 (parsed twice then, but the fast parse is a few
                         # microseconds of the tens h11 takes).
-                        request = fastpath.parse_request(maybe, max_head)
+                        request: AnyRequest | None = fastpath.parse_request(maybe, max_head)
                         if request is not None:
                             self.fast_head = maybe
                         else:
@@ -620,7 +622,7 @@ class ClientConnection:
                 return event
             return None  # ConnectionClosed
 
-    async def _serve(self, request: _h11.Request) -> bool:
+    async def _serve(self, request: AnyRequest) -> bool:
         """Answer one request; True when the connection may carry another."""
         services = self.services
         started = services.now()
@@ -646,10 +648,12 @@ class ClientConnection:
             if services.auth is not None:
                 await self._authenticate(request)
             if method == b"CONNECT":
+                assert isinstance(request, h11.Request)  # http.fastpath takes GETs only
                 return await self._serve_connect(request, started)
             # A fast-path request has no Upgrade field (http.fastpath): no need to look.
             if self.fast_head is None and is_websocket_upgrade(request.headers):
                 # Before prepare_request: it strips Upgrade as hop-by-hop.
+                assert isinstance(request, h11.Request)
                 return await self._serve_websocket(request, started, stats)
             target = parse_absolute_target(url)
             facts = prepare_request(
@@ -791,7 +795,7 @@ class ClientConnection:
                 )
             )
 
-    async def _authenticate(self, request: _h11.Request) -> None:
+    async def _authenticate(self, request: AnyRequest) -> None:
         services = self.services
         auth = services.auth
         assert auth is not None
@@ -862,7 +866,7 @@ class ClientConnection:
 
     async def _forward(
         self,
-        request: _h11.Request,
+        request: AnyRequest,
         target: Target,
         facts: RequestFacts,
         stats: ExchangeStats,
@@ -1184,7 +1188,7 @@ class ClientConnection:
             self._linger = True  # a relayed rejection: unread client bytes must not reset it
         self._finish(method, url, started, stats, route=stats.route)
 
-    async def _purge(self, request: _h11.Request, started: float, cache: HttpCache) -> bool:
+    async def _purge(self, request: AnyRequest, started: float, cache: HttpCache) -> bool:
         """PURGE http://host/path: remove every stored variant, for clients in purge_clients."""
         if not access.ClientAcl(self.services.config.cache.purge_clients).allows(
             self.client_address
@@ -1202,7 +1206,7 @@ class ClientConnection:
             status, headers, body, request.method, request.target, started, stats
         )
 
-    async def _answer_max_forwards(self, request: _h11.Request, started: float) -> bool:
+    async def _answer_max_forwards(self, request: AnyRequest, started: float) -> bool:
         """RFC 9110 §7.6.2: Max-Forwards 0 on OPTIONS/TRACE means this proxy is the recipient."""
         if request.method == b"TRACE":
             body = trace_body(

@@ -17,8 +17,10 @@ two parsers on one path is how request smuggling happens):
   (no body bytes, no pipelined request); CRLF line endings only, no obs-fold; ``GET`` with an
   ``http://`` absolute-form target, ``HTTP/1.1``; exactly one Host; no Content-Length,
   Transfer-Encoding, Upgrade or Expect; a Connection field (if any) naming only keep-alive. It
-  returns the same ``h11.Request`` h11's parser would build (a test checks that on generated
-  heads).
+  returns a ``FastRequest``: what h11's parser would build (a test checks that on generated
+  heads), in a plain slotted object that costs a fifth of an ``h11.Request`` to make (whose
+  keyword-argument constructor re-walks the fields), with the fields read the way proxyd reads
+  an ``h11.Request``'s.
 - **Response** (``parse_response``): the status line and head complete in the first read, CRLF
   line endings, no obs-fold, ``HTTP/1.1``, a status 200-599 other than 204, 304 and 407 (no body,
   or meant for the proxy: h11 and the relay's general path handle them), exactly one
@@ -34,12 +36,10 @@ Sections: RFC 9112 §2.2 (line endings), §3 and §4 (request and status lines),
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from typing import Final
+from collections.abc import Iterator, Sequence
+from typing import ClassVar, Final
 
 import h11._abnf as _abnf  # h11's grammar (its readers compile these same expressions)
-
-from proxyd._h11 import h11
 
 Header = tuple[bytes, bytes]
 #: status, the head for the client, Content-Length, index of the first body byte in the buffer.
@@ -87,7 +87,40 @@ def _only_keep_alive(value: bytes) -> bool:
     return True
 
 
-def parse_request(data: bytes, max_head: int) -> h11.Request | None:
+class FastHeaders:
+    """A fast-path request's fields, read as proxyd reads an ``h11.Request``'s ``headers``:
+    iterating gives ``(lowercased name, value)`` pairs, ``raw_items()`` the names as received.
+    The list ``raw_items`` returns is the one the parser made: callers only read it."""
+
+    __slots__ = ("_lower", "_raw")
+
+    def __init__(self, raw: list[Header], lower: list[bytes]) -> None:
+        self._raw = raw
+        self._lower = lower
+
+    def raw_items(self) -> list[Header]:
+        return self._raw
+
+    def __iter__(self) -> Iterator[Header]:
+        return iter([(lower, raw[1]) for lower, raw in zip(self._lower, self._raw, strict=True)])
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+
+class FastRequest:
+    """A request ``parse_request`` took: a GET in absolute form from an HTTP/1.1 client."""
+
+    __slots__ = ("headers", "method", "target")
+    http_version: ClassVar[bytes] = b"1.1"
+
+    def __init__(self, method: bytes, target: bytes, headers: FastHeaders) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers
+
+
+def parse_request(data: bytes, max_head: int) -> FastRequest | None:
     """The request in ``data`` when it has the simple shape (module docstring), else None."""
     end = data.find(b"\r\n\r\n")
     if end < 0 or end + 4 != len(data) or end + 4 > max_head:
@@ -102,6 +135,7 @@ def parse_request(data: bytes, max_head: int) -> h11.Request | None:
         return None
     lines = head.split(b"\r\n")
     headers: list[Header] = []
+    names: list[bytes] = []
     hosts = 0
     for line in lines[1:]:
         name, _, rest = line.partition(b":")
@@ -111,9 +145,10 @@ def parse_request(data: bytes, max_head: int) -> h11.Request | None:
         elif lower in _REQUEST_STOPPERS or (lower == b"connection" and not _only_keep_alive(rest)):
             return None
         headers.append((name, rest.strip(b" \t")))
+        names.append(lower)
     if hosts != 1:
         return None
-    return h11.Request(method=method, target=target, headers=headers, _parsed=True)
+    return FastRequest(method, target, FastHeaders(headers, names))
 
 
 def response_for_client(

@@ -266,7 +266,7 @@ async def connect_group(settings: RelaySettings, key: GroupKey) -> trio.abc.Stre
 
 async def forward(
     client: ClientSide,
-    request: h11.Request,
+    request: h11.Request | fastpath.FastRequest,
     target: Target,
     facts: RequestFacts,
     settings: RelaySettings,

@@ -37,6 +37,11 @@ class ProxyServer:
 
 @dataclass(frozen=True, slots=True)
 class Direct:
+    # A route is part of every pool group key, hashed several times per request: a constant
+    # here (all Direct values are equal) rather than the generated hash of an empty tuple.
+    def __hash__(self) -> int:
+        return 0x2D1EC7
+
     @property
     def label(self) -> str:
         return "DIRECT"
@@ -45,6 +50,14 @@ class Direct:
 @dataclass(frozen=True, slots=True)
 class ViaProxy:
     proxy: ProxyServer
+    #: The hash, computed once (a route is hashed several times per request: pool group keys).
+    _hash: int = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((ViaProxy, self.proxy)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def label(self) -> str:

@@ -96,11 +96,13 @@ def h11_request(data: bytes) -> h11.Request | None:
     return request
 
 
-def same_request(ours: h11.Request, theirs: h11.Request) -> None:
+def same_request(ours: fastpath.FastRequest, theirs: h11.Request) -> None:
     assert ours.method == theirs.method
     assert ours.target == theirs.target
     assert ours.http_version == theirs.http_version
     assert list(ours.headers.raw_items()) == list(theirs.headers.raw_items())
+    assert list(ours.headers) == list(theirs.headers)  # lowercased names, as h11 iterates
+    assert len(ours.headers) == len(theirs.headers)
 
 
 def test_plain_get_is_taken_and_equals_h11s_request() -> None:
