@@ -656,12 +656,16 @@ class ClientConnection:
                 assert isinstance(request, h11.Request)
                 return await self._serve_websocket(request, started, stats)
             target = parse_absolute_target(url)
+            fields = request.headers
             facts = prepare_request(
-                request.headers.raw_items(),
+                fields.raw_items(),
                 authority=target.authority,
                 via=services.via_for_version(request.http_version),
                 pseudonym=services.pseudonym,
                 is_max_forwards_method=method in _MAX_FORWARDS_METHODS,
+                lowered_names=(
+                    fields.lowered_names() if type(fields) is fastpath.FastHeaders else None
+                ),
             )
             if facts.max_forwards == 0:
                 return await self._answer_max_forwards(request, started)

@@ -67,7 +67,6 @@ _response_special: Final = re.compile(
     rb"\r\n(content-length|connection|transfer-encoding|keep-alive|proxy-connection|te|trailer"
     rb"|upgrade):"
 ).finditer
-_content_length: Final = re.compile(rb"[0-9]{1,18}").fullmatch
 
 #: Request fields that take the request off the fast path (framing, protocol switches, 100).
 _REQUEST_STOPPERS: Final = frozenset(
@@ -100,6 +99,10 @@ class FastHeaders:
 
     def raw_items(self) -> list[Header]:
         return self._raw
+
+    def lowered_names(self) -> list[bytes]:
+        """The names lowercased, in order (``rules.prepare_request`` needs them too)."""
+        return self._lower
 
     def __iter__(self) -> Iterator[Header]:
         return iter([(lower, raw[1]) for lower, raw in zip(self._lower, self._raw, strict=True)])
@@ -169,7 +172,7 @@ def response_for_client(
     match = _response_head(head)
     if match is None:
         return None
-    status = int(match.group("status_code"))
+    status = int(head[9:12])  # the match: "HTTP/1.1 " and three digits
     if status < 200 or status > 599 or status in _SLOW_STATUSES:
         return None
     first_end = head.find(b"\r\n")
@@ -181,20 +184,24 @@ def response_for_client(
     length = -1
     lowered = head.lower()
     for special in _response_special(lowered, first_end):
-        line_end = head.find(b"\r\n", special.end())
+        value_at = special.end()
+        line_end = head.find(b"\r\n", value_at)
         if line_end < 0:
             line_end = end
         name = special.group(1)
         if name == b"content-length":
-            value = head[special.end() : line_end].strip(b" \t")
-            if length >= 0 or _content_length(value) is None:
+            value = head[value_at:line_end].strip(b" \t")
+            # ASCII digits only (bytes.isdigit), as h11's Content-Length grammar.
+            if length >= 0 or not value.isdigit() or len(value) > 18:
                 return None  # repeated, a list or not a number: h11 judges it
             length = int(value)
             continue  # kept
         if name == b"transfer-encoding":
             return None
-        if name == b"connection" and not _only_keep_alive(lowered[special.end() : line_end]):
-            return None  # close (not reusable), or options naming fields: h11's way
+        if name == b"connection":
+            value = lowered[value_at:line_end].strip(b" \t")
+            if value != b"keep-alive" and not _only_keep_alive(value):
+                return None  # close (not reusable), or options naming fields: h11's way
         out.append(head[position : special.start()])  # cut the hop-by-hop line out
         position = line_end
     if length < 0:

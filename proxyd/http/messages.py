@@ -31,8 +31,12 @@ _HOST_CHARS: Final = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Target:
+    """A request target, split. Made for every request, so not ``frozen`` (a frozen dataclass
+    sets each field through ``object.__setattr__``: four times the cost); never changed after
+    it is made, and never a dict key (``origin_key`` is)."""
+
     scheme: bytes  # b"http", b"https", ... lower case
     host: str  # lower case; an IPv6 literal without brackets
     port: int

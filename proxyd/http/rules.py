@@ -19,7 +19,7 @@ back. The rules, with the RFC text that asks for them:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -85,20 +85,21 @@ def prepare_request(
     via: bytes | None,
     pseudonym: bytes,
     is_max_forwards_method: bool,
+    lowered_names: Sequence[bytes] | None = None,
 ) -> RequestFacts:
     """Filter the client's fields for the upstream hop and collect the facts.
 
     ``via`` is our ``Via`` member to append (``b"1.1 name"``) or None when Via is turned off;
-    ``pseudonym`` is always used for loop detection. Raises LoopDetected and BadRequest.
+    ``pseudonym`` is always used for loop detection. ``lowered_names``: the field names already
+    lowercased, in order, when the caller has them (http.fastpath). Raises LoopDetected and
+    BadRequest.
     """
     facts = RequestFacts()
     items = list(raw_headers)
     named: set[bytes] = set()
-    lowered: list[bytes] = []
+    lowered = [name.lower() for name, _ in items] if lowered_names is None else lowered_names
     pseudonym_lower = pseudonym.lower()
-    for name, value in items:
-        lower = name.lower()
-        lowered.append(lower)
+    for (_, value), lower in zip(items, lowered, strict=True):
         if lower == b"connection":
             for token in _connection_tokens(value):
                 if token == b"close":
