@@ -749,24 +749,22 @@ class ClientConnection:
         self._logged = True
         services = self.services
         duration = services.now() - started
-        method_text = method.decode("ascii", "replace")
         status = stats.status or 499
         if services.netlog.active:
             self._emit_end(stats, status, duration, error_type)
-        metrics = services.metrics
-        metrics.observe_request(
-            method_text,
+        services.metrics.observe_exchange(
+            method,
             status,
             duration,
             stats.route_kind,
             "none" if stats.cache == "-" else stats.cache,
+            stats.bytes_in,
+            stats.bytes_out,
+            stats.first_byte_at - started if stats.first_byte_at else None,
         )
-        if stats.bytes_in:
-            metrics.inc_bytes_up(stats.bytes_in)
-        if stats.bytes_out:
-            metrics.inc_bytes_down(stats.bytes_out)
-        if stats.first_byte_at:
-            metrics.observe_time_to_first_byte(stats.first_byte_at - started)
+        if error_type == "-" and services.access_log is None:
+            return  # the usual end: nothing more to note
+        method_text = method.decode("ascii", "replace")
         if error_type not in ("-", "client_gone"):  # a client leaving is not the proxy's error
             services.recent_errors.append(
                 RecentError(

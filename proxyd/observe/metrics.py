@@ -8,7 +8,9 @@ tests do). Label children used on the per-request path are resolved once and cac
 (about eight a request) go through ``fast_inc`` / ``fast_observe``: the child's own value objects,
 without ``Counter.inc`` / ``Histogram.observe``'s per-call checks and linear bucket scan (a child
 is always observable, our amounts are never negative, and no exemplars are used) -- half the
-Python calls, the same samples in files and scrapes alike.
+Python calls, the same samples in files and scrapes alike. A finished request's updates are one
+call, ``observe_exchange``, which with in-process values (one worker) adds to the value objects
+in place, without a call per update (measured: ~3 % of the CPU of a proxied 1 KiB request).
 Gauges that describe state owned elsewhere (the upstream pool) are read from ``stats()`` snapshots
 at scrape time through a custom collector, so nothing on the hot path updates them.
 
@@ -401,6 +403,75 @@ class Metrics:
         self.inc_pool_waits = fast_inc(self.pool_waits)
         self.observe_time_to_first_byte = fast_observe(self.time_to_first_byte)
         self.observe_pool_wait = fast_observe(self.pool_wait_duration)
+        # observe_exchange: the value objects themselves, when they are in-process ones.
+        self._exchange_series: dict[tuple[bytes, int, str, str], _ExchangeSeries] = {}
+        self._inline = _inline_values(
+            self.bytes_up, self.bytes_down, self.time_to_first_byte, self.request_duration
+        )
+
+    def observe_exchange(
+        self,
+        method: bytes,
+        status: int,
+        duration: float,
+        route_kind: str,
+        cache: str,
+        bytes_in: int,
+        bytes_out: int,
+        time_to_first_byte: float | None,
+    ) -> None:
+        """Everything one finished request adds (``requests_total``, its duration, body bytes
+        both ways, the time to the first byte): ``observe_request``, ``inc_bytes_up``,
+        ``inc_bytes_down`` and ``observe_time_to_first_byte`` in one call. With in-process
+        values (one worker) the additions are made here on the values themselves, without a
+        call each: one per request where there were about ten (the module docstring's
+        ``fast_inc`` without its call). ``method`` as received: the label is resolved once
+        per distinct series."""
+        series = self._exchange_series.get((method, status, route_kind, cache))
+        if series is None:
+            series = self._new_exchange_series(method, status, route_kind, cache)
+        if not self._inline:
+            self.observe_request(series.method, status, duration, route_kind, cache)
+            if bytes_in:
+                self.inc_bytes_up(bytes_in)
+            if bytes_out:
+                self.inc_bytes_down(bytes_out)
+            if time_to_first_byte is not None:
+                self.observe_time_to_first_byte(time_to_first_byte)
+            return
+        # Each target below is a MutexValue (``_inline_values`` checked), changed only by the
+        # event loop's thread: as _UnlockedAdd.
+        series.count._value += 1
+        series.duration_sum._value += duration
+        series.duration_buckets[bisect_left(LATENCY_BUCKETS, duration)]._value += 1
+        if bytes_in:
+            self.bytes_up._value._value += bytes_in
+        if bytes_out:
+            self.bytes_down._value._value += bytes_out
+        if time_to_first_byte is not None:
+            ttfb = self.time_to_first_byte
+            ttfb._sum._value += time_to_first_byte
+            ttfb._buckets[bisect_left(LATENCY_BUCKETS, time_to_first_byte)]._value += 1
+
+    def _new_exchange_series(
+        self, method: bytes, status: int, route_kind: str, cache: str
+    ) -> _ExchangeSeries:
+        text = method.decode("ascii", "replace")
+        if text not in _KNOWN_METHOD_SET:
+            text = "OTHER"
+        status_class = STATUS_CLASSES[min(max(status // 100, 1), 5) - 1]
+        counter = self.requests.labels(text, status_class, route_kind, cache)
+        histogram = self.request_duration.labels(text)
+        series = _ExchangeSeries(
+            text,
+            counter._value,
+            histogram._sum,
+            histogram._buckets,
+        )
+        if len(self._exchange_series) >= _EXCHANGE_SERIES_MAX:
+            self._exchange_series.clear()  # bounded (statuses are three digits; kinds few)
+        self._exchange_series[(method, status, route_kind, cache)] = series
+        return series
 
     def observe_request(
         self,
@@ -442,6 +513,48 @@ class Metrics:
     def stats_exposition(self) -> bytes:
         """The scrape-time families (``add_stats_provider``) alone, in the text format."""
         return generate_latest(self._stats_registry)
+
+
+#: Bound of ``Metrics._exchange_series`` (method bytes as received may be anything).
+_EXCHANGE_SERIES_MAX: Final = 4096
+
+
+class _ExchangeSeries:
+    """The value objects one request's ``observe_exchange`` adds to, for one (method, status,
+    route kind, cache result): its ``requests_total`` child and its duration histogram child."""
+
+    __slots__ = ("count", "duration_buckets", "duration_sum", "method")
+
+    def __init__(
+        self,
+        method: str,
+        count: MutexValue,
+        duration_sum: MutexValue,
+        duration_buckets: list[MutexValue],
+    ) -> None:
+        self.method = method  # the label: a known method or OTHER
+        self.count = count
+        self.duration_sum = duration_sum
+        self.duration_buckets = duration_buckets
+
+
+def _inline_values(
+    bytes_up: Counter, bytes_down: Counter, ttfb: Histogram, duration: Histogram
+) -> bool:
+    """True when ``observe_exchange`` may add to the value objects directly: every value it
+    touches is an in-process ``MutexValue`` (not a worker's mmap file), and the histograms'
+    buckets are ``LATENCY_BUCKETS`` plus +Inf, as ``bisect_left`` on them assumes."""
+    try:
+        values = [bytes_up._value, bytes_down._value, ttfb._sum, *ttfb._buckets]
+        bounds = [tuple(ttfb._upper_bounds), tuple(duration._upper_bounds)]
+    except AttributeError:
+        return False
+    expected = (*LATENCY_BUCKETS, float("inf"))
+    return (
+        all(type(value) is MutexValue and hasattr(value, "_value") for value in values)
+        and all(bound == expected for bound in bounds)
+        and len(ttfb._buckets) == len(expected)
+    )
 
 
 class _UnlockedAdd:
