@@ -382,16 +382,35 @@ class Pool:
                         plan = self.state.request(key, proxy, waiter_id, self._clock(), fresh=fresh)
                         limited = not waiter.done and not plan.connects
                         self._apply(plan)
-                    if not waiter.done:
-                        started = self._before_wait(waiter, limited)
+                    # Written out (no helper calls, ``done`` spelt out): most requests wait here
+                    # when clients outnumber ``per_group``, and each call is paid per request.
+                    if waiter.conn is None and waiter.error is None:
+                        metrics = self._metrics
+                        started = self._clock()
+                        if limited and metrics is not None:
+                            metrics.inc_pool_waits(1)
+                        timeout = self.config.timeout
+                        deadline = (started if self._trio_clock else trio.current_time()) + timeout
                         waiter.task = trio.lowlevel.current_task()
                         if self._nursery is not None:
-                            # The reaper (run) wakes it at its deadline (_before_wait).
+                            # The reaper (run) wakes it at the deadline; wake the reaper first
+                            # if it sleeps past that (a first waiter, or a timeout shorter than
+                            # its tick).
+                            waiter.deadline = deadline
+                            if deadline < self._reaper_until:
+                                self._reaper.unpark_all()
                             await trio.lowlevel.wait_task_rescheduled(waiter.abort)
                         else:  # a pool that is not running (some tests): a scope bounds the wait
-                            with trio.CancelScope(deadline=waiter.deadline):
+                            with trio.CancelScope(deadline=deadline):
                                 await trio.lowlevel.wait_task_rescheduled(waiter.abort)
-                        self._after_wait(waiter, limited, started)
+                        if limited and metrics is not None:
+                            metrics.observe_pool_wait(self._clock() - started)
+                        if waiter.conn is None and waiter.error is None:
+                            if metrics is not None:
+                                metrics.pool_wait_timeouts.inc()
+                            raise ConnectionLimitReached(
+                                f"no upstream connection became available within {timeout:g}s"
+                            )
                 except BaseException:
                     # Cancelled (the client left) or timed out after all: a socket granted in the
                     # meantime goes back untouched, or its slot would leak.
@@ -400,7 +419,7 @@ class Pool:
                     raise
                 finally:
                     del self._waiters[waiter_id]
-                    if not waiter.done:
+                    if waiter.conn is None and waiter.error is None:
                         self._apply(self.state.cancel(key, waiter_id))
                 if waiter.error is not None:
                     raise waiter.error
@@ -416,34 +435,6 @@ class Pool:
                 continue
             conn.was_idle = False
             return conn
-
-    def _before_wait(self, waiter: _Waiter, limited: bool) -> float:
-        """Start ``waiter``'s wait: its deadline (``pool.timeout``), the reaper woken should it
-        sleep past that, the wait counted when the group is at its limit; the start time."""
-        started = self._clock()
-        metrics = self._metrics
-        if limited and metrics is not None:
-            metrics.inc_pool_waits(1)
-        timeout = self.config.timeout
-        waiter.deadline = (started if self._trio_clock else trio.current_time()) + timeout
-        # Wake the reaper first if it sleeps past that (a first waiter, or a timeout shorter
-        # than its tick). Without a running pool ``acquire`` bounds the wait with a scope.
-        if self._nursery is not None and waiter.deadline < self._reaper_until:
-            self._reaper.unpark_all()
-        return started
-
-    def _after_wait(self, waiter: _Waiter, limited: bool, started: float) -> None:
-        """End ``waiter``'s wait: its duration observed; ConnectionLimitReached when it ended
-        with neither a socket nor an error (``pool.timeout``)."""
-        metrics = self._metrics
-        if limited and metrics is not None:
-            metrics.observe_pool_wait(self._clock() - started)
-        if not waiter.done:
-            if metrics is not None:
-                metrics.pool_wait_timeouts.inc()
-            raise ConnectionLimitReached(
-                f"no upstream connection became available within {self.config.timeout:g}s"
-            )
 
     def release(self, conn: UpstreamConnection, *, reusable: bool) -> None:
         """The exchange is over. Reusable only when HTTP allows it and nothing broke."""
@@ -472,7 +463,9 @@ class Pool:
                     waiter.conn = conn
                     if waiter.ahead is not None:
                         conn.sent_ahead = _write_ahead(conn, waiter.ahead)
-                    waiter.wake()
+                    task, waiter.task = waiter.task, None  # waiter.wake(), written out
+                    if task is not None:
+                        trio.lowlevel.reschedule(task)
                     return
                 now = self._clock()
                 self._settle(conn, self.state.release(conn.key, conn.socket_id, True, now), now)
