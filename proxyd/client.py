@@ -435,7 +435,6 @@ class ClientConnection:
         metrics.client_connections_active.inc()
         if services.netlog.active:
             services.netlog.emit(self.conn_id, None, "accepted", peer=self.client_address)
-        max_head = services.config.client.max_head_size
         try:
             while True:
                 self._logged = False
@@ -470,6 +469,8 @@ class ClientConnection:
                         # on, a hit from its memory tier is answered without h11 too; a miss
                         # hands the head to h11 (parsed twice then, but the fast parse is a few
                         # microseconds of the tens h11 takes).
+                        # The limit as configured now (a reload may change it between requests).
+                        max_head = services.config.client.max_head_size
                         request: AnyRequest | None = fastpath.parse_request(maybe, max_head)
                         if request is not None:
                             self.fast_head = maybe

@@ -333,6 +333,24 @@ async def test_acl_and_users_apply_to_new_requests_without_dropping_connections(
 # --- limits ----------------------------------------------------------------------------------
 
 
+async def test_a_lowered_head_limit_applies_to_the_next_request_of_an_open_connection(
+    start_from_file: StartFromFile, origin: Origin
+) -> None:
+    """client.max_head_size lowered: the next request on a keep-alive connection opened before
+    (a plain GET, which the fast parser takes) is held to the new limit (431), not the old."""
+    proxy = await start_from_file(config_text())
+    held = RawHttp(await trio.open_tcp_stream("127.0.0.1", proxy.port))
+    long_path = "/held-" + "x" * 1500  # a head of ~1.6 KiB: under 64 KiB, over 1 KiB
+    assert (await held.get(origin.url(long_path), "origin"))[0] == 200
+
+    proxy.write(config_text("client: {max_head_size: 1024}\n"))
+    response = await proxy.reload()
+    assert response.json()["changed"] == ["client.max_head_size"]
+    assert (await held.get(origin.url(long_path + "-2"), "origin"))[0] == 431
+    await held.stream.aclose()
+    assert len(origin.requests) == 1  # the refused request never reached the origin
+
+
 async def test_a_raised_pool_limit_lets_a_waiting_request_connect(
     start_from_file: StartFromFile, origin: Origin
 ) -> None:

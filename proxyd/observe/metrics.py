@@ -456,11 +456,8 @@ class Metrics:
     def _new_exchange_series(
         self, method: bytes, status: int, route_kind: str, cache: str
     ) -> _ExchangeSeries:
-        text = method.decode("ascii", "replace")
-        if text not in _KNOWN_METHOD_SET:
-            text = "OTHER"
-        status_class = STATUS_CLASSES[min(max(status // 100, 1), 5) - 1]
-        counter = self.requests.labels(text, status_class, route_kind, cache)
+        text = _method_label(method.decode("ascii", "replace"))
+        counter = self.requests.labels(text, _status_class(status), route_kind, cache)
         histogram = self.request_duration.labels(text)
         series = _ExchangeSeries(
             text,
@@ -481,13 +478,11 @@ class Metrics:
         route_kind: str = "none",
         cache: str = "none",
     ) -> None:
-        if method not in _KNOWN_METHOD_SET:
-            method = "OTHER"
+        method = _method_label(method)
         key = (method, status, route_kind, cache)
         pair = self._request_pairs.get(key)
         if pair is None:
-            status_class = STATUS_CLASSES[min(max(status // 100, 1), 5) - 1]
-            labels = (method, status_class, route_kind, cache)
+            labels = (method, _status_class(status), route_kind, cache)
             counter = self._requests_children.get(labels)
             if counter is None:
                 counter = self._requests_children[labels] = self.requests.labels(*labels)
@@ -515,13 +510,25 @@ class Metrics:
         return generate_latest(self._stats_registry)
 
 
+def _method_label(method: str) -> str:
+    """A method as its label: one of KNOWN_METHODS, or OTHER (labels stay a bounded set)."""
+    return method if method in _KNOWN_METHOD_SET else "OTHER"
+
+
+def _status_class(status: int) -> str:
+    """``2xx`` and so on; anything outside 100-599 counts in the nearest class."""
+    return STATUS_CLASSES[min(max(status // 100, 1), 5) - 1]
+
+
 #: Bound of ``Metrics._exchange_series`` (method bytes as received may be anything).
 _EXCHANGE_SERIES_MAX: Final = 4096
 
 
 class _ExchangeSeries:
     """The value objects one request's ``observe_exchange`` adds to, for one (method, status,
-    route kind, cache result): its ``requests_total`` child and its duration histogram child."""
+    route kind, cache result): its ``requests_total`` child and its duration histogram child.
+    They are ``MutexValue``s when ``Metrics._inline``; otherwise (a worker's mmap values) only
+    ``method`` is read."""
 
     __slots__ = ("count", "duration_buckets", "duration_sum", "method")
 
