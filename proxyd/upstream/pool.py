@@ -463,9 +463,7 @@ class Pool:
                     waiter.conn = conn
                     if waiter.ahead is not None:
                         conn.sent_ahead = _write_ahead(conn, waiter.ahead)
-                    task, waiter.task = waiter.task, None  # waiter.wake(), written out
-                    if task is not None:
-                        trio.lowlevel.reschedule(task)
+                    waiter.wake()
                     return
                 now = self._clock()
                 self._settle(conn, self.state.release(conn.key, conn.socket_id, True, now), now)
