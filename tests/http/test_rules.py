@@ -597,3 +597,37 @@ def test_prepare_response_never_forwards_hop_by_hop_fields(fields: list[Header])
     if had_te:
         drop = drop | {b"content-length"}
     assert out[:-1] == [(n, v) for n, v in fields if n.lower() not in drop]
+
+
+# --- names already lowercased (http.fastpath hands them over) ------------------------------------
+
+FIELD_NAMES = st.sampled_from(
+    [b"Host", b"Connection", b"TE", b"te", b"Via", b"X-Forwarded-For", b"Keep-Alive", b"Accept",
+     b"Proxy-Authorization", b"Max-Forwards", b"Upgrade", b"Content-Length"]
+)  # fmt: skip
+FIELD_VALUES = st.sampled_from(
+    [b"keep-alive", b"close", b"trailers", b"1.1 other", b"5", b"x", b"accept, te"]
+)
+
+
+@given(
+    fields=st.lists(st.tuples(FIELD_NAMES, FIELD_VALUES), max_size=6), max_forwards=st.booleans()
+)
+def test_lowered_names_given_give_the_same_facts(fields: list[Header], max_forwards: bool) -> None:
+    """``lowered_names`` only saves lowercasing again: the facts and the fields that go on are
+    the same as without it (or the same error)."""
+
+    def run(lowered: list[bytes] | None) -> RequestFacts | str:
+        try:
+            return prepare_request(
+                fields,
+                authority=AUTHORITY,
+                via=VIA,
+                pseudonym=PSEUDONYM,
+                is_max_forwards_method=max_forwards,
+                lowered_names=lowered,
+            )
+        except (BadRequest, LoopDetected) as exc:
+            return repr(exc)
+
+    assert run([name.lower() for name, _ in fields]) == run(None)
